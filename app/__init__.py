@@ -1,0 +1,1 @@
+"""Console logic without widgets: site model, SSH sessions, deploy pipeline, live feeds."""

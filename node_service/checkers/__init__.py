@@ -1,0 +1,1 @@
+"""checkers area of the node service."""

@@ -1,0 +1,1 @@
+"""farm area of the node service."""

@@ -1,0 +1,282 @@
+"""The farm packet filter: one nftables table per farm module.
+
+Every node of a farm receives every client packet for the VIP (shared MAC,
+flooded LAN); this filter makes exactly one node accept each new client
+flow. The kernel puts a packet in a bucket with ``jhash`` over the client
+address (criterion ``ip``) or address and source port (``ip_port``), modulo
+``BUCKETS``, with the module's seed; the node accepts the buckets the bucket
+map gives it. Python never predicts a kernel bucket: all nodes run the same
+jhash with the same seed, so they only have to agree on which node owns
+which bucket *number* (see ``buckets.py`` and docs/dev/farm.md).
+
+Rules, per farm rule (protocol + ports), in this order:
+
+1. conntrack ``established,related``: accept, whatever the bucket. This is
+   what keeps a flow on the node where it started when its bucket moves.
+2. a new flow in an owned bucket: accept. For TCP only a bare SYN starts a
+   flow; a mid-stream packet this node has no conntrack entry for belongs to
+   another node's flow and must not reach the TCP stack (it would answer
+   with a reset and kill that flow).
+3. anything else to the VIP on those ports: drop, silently.
+
+The chain hooks prerouting at the ``mangle`` priority: after conntrack (so
+the state is known) and before routing and the input path. A dropped first
+packet leaves no conntrack entry behind (entries are confirmed only when a
+packet survives), so a non-owner keeps no trace of other nodes' flows.
+
+Replacement is atomic: the script creates the table if needed, deletes it
+and defines it again, all in one ``nft -f`` transaction; the kernel applies
+all of it or none of it. The owned buckets are an inline set in the rule
+(nft 1.0.6 cannot list a named set typed from ``jhash``), so changing the
+bucket map replaces the table, which is cheap (a few rules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from node_service.errors import RetryableError, UserError
+from node_service.farm.buckets import BUCKETS, BucketMap, owned_by
+
+PROTOCOLS = ("tcp", "udp")
+CRITERIA = ("ip", "ip_port")
+DEFAULT_TIMEOUT_S = 10.0
+NFT = ("nft",)
+
+# Rule kinds, carried in each rule's comment so counters can be read back.
+ESTABLISHED = "established"
+OWNED = "owned"
+DROPPED = "dropped"
+KINDS = (ESTABLISHED, OWNED, DROPPED)
+
+
+class PacketFilterError(RetryableError):
+    """nft is missing, timed out or refused a farm ruleset (previous rules intact)."""
+
+
+@dataclass(frozen=True)
+class FilterRule:
+    """Clients of one protocol on some ports, split by a criterion."""
+
+    protocol: str
+    ports: tuple[int, ...]
+    criterion: str = "ip"
+
+
+@dataclass(frozen=True)
+class FarmFilter:
+    """Everything one node needs to filter one farm module's clients."""
+
+    module: str
+    vips: tuple[str, ...]
+    rules: tuple[FilterRule, ...]
+    seed: int
+    owned: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """An nft script that atomically replaces one module's table."""
+
+    module: str
+    table: str
+    text: str
+
+
+def node_filter(
+    module: str,
+    vips: Iterable[str],
+    rules: Iterable[FilterRule],
+    seed: int,
+    owners: BucketMap,
+    node: str,
+) -> FarmFilter:
+    """The filter of ``node`` for the bucket map ``owners``."""
+    return FarmFilter(module, tuple(vips), tuple(rules), seed, owned_by(owners, node))
+
+
+def table_name(module: str) -> str:
+    """The nft table of a farm module (``rampart_farm_<module>``).
+
+    Characters nft identifiers cannot hold become ``_``; a short hash of the
+    real name is then appended so ``web-1`` and ``web_1`` never share a table.
+    """
+    if not module:
+        raise UserError("farm module name is empty: expected the module's name")
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", module)
+    if safe != module:
+        safe += "_" + hashlib.blake2b(module.encode(), digest_size=3).hexdigest()
+    return f"rampart_farm_{safe}"
+
+
+def _check(farm: FarmFilter) -> None:
+    where = f"farm module {farm.module!r}"
+    if not farm.vips:
+        raise UserError(f"{where} has no virtual IP: expected at least one IPv4 address")
+    for vip in farm.vips:
+        try:
+            ipaddress.IPv4Address(vip)
+        except ValueError:
+            raise UserError(f"{where}: VIP {vip!r} is not an IPv4 address") from None
+    if not farm.rules:
+        raise UserError(f"{where} has no port rule: expected at least one protocol and port")
+    for rule in farm.rules:
+        if rule.protocol not in PROTOCOLS:
+            raise UserError(f"{where}: protocol {rule.protocol!r} is not one of tcp, udp")
+        if rule.criterion not in CRITERIA:
+            raise UserError(f"{where}: criterion {rule.criterion!r} is not one of ip, ip_port")
+        if not rule.ports:
+            raise UserError(f"{where}: a {rule.protocol} rule has no port: expected 1-65535")
+        for port in rule.ports:
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise UserError(f"{where}: port {port!r} is not a port number 1-65535")
+    if isinstance(farm.seed, bool) or not isinstance(farm.seed, int) or not 0 <= farm.seed < 2**32:
+        raise UserError(f"{where}: seed {farm.seed!r} is not a 32-bit unsigned integer")
+    bad = sorted(b for b in farm.owned if not (isinstance(b, int) and 0 <= b < BUCKETS))
+    if bad:
+        raise UserError(f"{where}: bucket {bad[0]!r} is not a bucket number 0-{BUCKETS - 1}")
+
+
+def _elements(values: Iterable[int]) -> str:
+    """``{ 0-3, 7, 9-10 }``: sorted, with runs folded into ranges."""
+    ordered = sorted(set(values))
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for value in [*ordered[1:], None]:
+        if value is not None and value == prev + 1:
+            prev = value
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if value is not None:
+            start = prev = value
+    return "{ " + ", ".join(parts) + " }"
+
+
+def _hash_expr(rule: FilterRule, seed: int) -> str:
+    key = "ip saddr" if rule.criterion == "ip" else f"ip saddr . {rule.protocol} sport"
+    return f"jhash {key} mod {BUCKETS} seed 0x{seed:08x}"
+
+
+def _rule_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
+    match = f"ip daddr {_elements_ip(farm.vips)} {rule.protocol} dport {_elements(rule.ports)}"
+    label = f"{rule.protocol} {','.join(str(p) for p in sorted(set(rule.ports)))}"
+    lines = [f'{match} ct state established,related counter accept comment "{ESTABLISHED} {label}"']
+    if farm.owned:
+        start = " tcp flags & (fin | syn | rst | ack) == syn" if rule.protocol == "tcp" else ""
+        lines.append(
+            f"{match}{start} {_hash_expr(rule, farm.seed)} {_elements(farm.owned)}"
+            f' counter accept comment "{OWNED} {label}"'
+        )
+    lines.append(f'{match} counter drop comment "{DROPPED} {label}"')
+    return lines
+
+
+def _elements_ip(vips: Sequence[str]) -> str:
+    # Printed from the parsed form: only a checked address ever reaches nft.
+    return "{ " + ", ".join(str(a) for a in sorted({ipaddress.IPv4Address(v) for v in vips})) + " }"
+
+
+def build(farm: FarmFilter) -> Ruleset:
+    """The nft script giving this node its share of the farm's clients."""
+    _check(farm)
+    table = table_name(farm.module)
+    body = [line for rule in farm.rules for line in _rule_lines(farm, rule)]
+    text = "\n".join(
+        [
+            # Create-then-delete makes the replacement work whether or not
+            # the table exists, inside the same atomic transaction.
+            f"table ip {table}",
+            f"delete table ip {table}",
+            f"table ip {table} {{",
+            "\tchain prerouting {",
+            "\t\ttype filter hook prerouting priority mangle; policy accept;",
+            *(f"\t\t{line}" for line in body),
+            "\t}",
+            "}",
+            "",
+        ]
+    )
+    return Ruleset(farm.module, table, text)
+
+
+def removal(module: str) -> Ruleset:
+    """The nft script removing a module's table (fine if it is absent)."""
+    table = table_name(module)
+    return Ruleset(module, table, f"table ip {table}\ndelete table ip {table}\n")
+
+
+def _run(args: Sequence[str], stdin: str | None, what: str, timeout: float) -> str:
+    try:
+        done = subprocess.run(
+            list(args), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError:
+        raise PacketFilterError(
+            f"{what}: {args[0]!r} not found; install nftables (apt install nftables)"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise PacketFilterError(
+            f"{what}: nft did not finish within {timeout:g}s; previous rules left in place"
+        ) from None
+    if done.returncode != 0:
+        errors = [ln.strip() for ln in done.stderr.splitlines() if "Error" in ln]
+        detail = errors[0] if errors else (done.stderr.strip().splitlines() or ["no message"])[0]
+        raise PacketFilterError(
+            f"{what}: nft exited {done.returncode}: {detail}; previous rules left in place"
+        )
+    return done.stdout
+
+
+def apply(
+    ruleset: Ruleset, *, nft: Sequence[str] = NFT, timeout: float = DEFAULT_TIMEOUT_S
+) -> None:
+    """Load ``ruleset`` in one nft transaction; on failure nothing changes.
+
+    ``nft`` is the command to run (tests prefix it with ``ip netns exec``).
+    """
+    _run([*nft, "-f", "-"], ruleset.text, f"farm module {ruleset.module}", timeout)
+
+
+def remove(module: str, *, nft: Sequence[str] = NFT, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    """Remove the module's packet filter (the VIP then answers on every node)."""
+    apply(removal(module), nft=nft, timeout=timeout)
+
+
+def listing(module: str, *, nft: Sequence[str] = NFT, timeout: float = DEFAULT_TIMEOUT_S) -> str:
+    """The module's table as nft prints it, or ``""`` when there is none."""
+    table = table_name(module)
+    text = _run([*nft, "list", "tables", "ip"], None, f"farm module {module}", timeout)
+    if f"table ip {table}" not in (line.strip() for line in text.splitlines()):
+        return ""
+    return _run([*nft, "list", "table", "ip", table], None, f"farm module {module}", timeout)
+
+
+def counters(
+    module: str, *, nft: Sequence[str] = NFT, timeout: float = DEFAULT_TIMEOUT_S
+) -> dict[str, int]:
+    """Packets per rule kind (established, owned, dropped) on this node."""
+    table = table_name(module)
+    raw = _run([*nft, "-j", "list", "table", "ip", table], None, f"farm module {module}", timeout)
+    return parse_counters(raw)
+
+
+def parse_counters(nft_json: str) -> dict[str, int]:
+    """Sum the packet counters of ``nft -j list table`` output by rule kind."""
+    totals = dict.fromkeys(KINDS, 0)
+    for item in json.loads(nft_json).get("nftables", []):
+        rule = item.get("rule")
+        if not rule:
+            continue
+        kind = str(rule.get("comment", "")).split(" ", 1)[0]
+        if kind not in totals:
+            continue
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and "counter" in expr:
+                totals[kind] += int(expr["counter"].get("packets", 0))
+    return totals

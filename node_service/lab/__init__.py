@@ -1,0 +1,1 @@
+"""lab area of the node service."""

@@ -1,0 +1,1 @@
+"""mirror area of the node service."""

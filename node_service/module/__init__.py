@@ -1,0 +1,1 @@
+"""Modules: the userconfig.xml model (parse, validate, emit) and signed .safe files."""

@@ -1,0 +1,1 @@
+"""net area of the node service."""

@@ -1,0 +1,1 @@
+"""replication area of the node service."""

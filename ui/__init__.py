@@ -1,0 +1,1 @@
+"""Console views (PySide6). Each view takes its model from `app`."""

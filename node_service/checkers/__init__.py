@@ -1,1 +1,1 @@
-"""checkers area of the node service."""
+"""checkers area: pure verdicts (decide), checks (probes, process) and their runner."""

@@ -1,1 +1,1 @@
-"""net area of the node service."""
+"""net area: virtual IPs (vip), gratuitous ARP (garp), namespace entry (netns)."""

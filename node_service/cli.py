@@ -22,6 +22,7 @@ from node_service.errors import RampartError
 # shared `module` group, register_module_verbs(module_subparsers).
 AREAS = (
     "node_service.module.cli",
+    "node_service.module.authoring_cli",
     "node_service.api.cli",
     "node_service.lab.cli",
 )

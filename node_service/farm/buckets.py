@@ -5,13 +5,16 @@ each client packet in a bucket (nftables ``jhash`` of the client address, or
 address and port, with the module's seed) and each node accepts only the
 buckets it owns. This module decides the owners.
 
-Each bucket goes to the alive node with the highest weighted rendezvous
-score (the logarithmic method: ``score = -weight / ln(h)`` with ``h`` a
-stable hash of seed, bucket and node mapped into (0, 1)). Why rendezvous and
-not "bucket modulo alive count": every node computes the same map from the
-same membership with no coordination, and when a node fails only its own
-buckets move (every other bucket's highest scorer is unchanged); when it
-comes back it takes back exactly those. The hash is blake2b, never Python's
+Each bucket has a home node, chosen once from the module's nodes and
+weights so that every node's share of homes matches its weight exactly; a
+bucket whose home is not alive goes to the alive node with the highest
+weighted rendezvous score (the logarithmic method: ``score = -weight /
+ln(h)`` with ``h`` a stable hash of seed, bucket and node mapped into
+(0, 1)); homes are picked by the same scores, under each node's capacity.
+Why not "bucket modulo alive count": every node computes the same map from
+the same membership with no coordination, and because each bucket's
+preference order is fixed, when a node fails only its own buckets move;
+when it comes back it takes back exactly those. The hash is blake2b, never Python's
 ``hash()``, which is salted per process and would differ between nodes.
 
 No alive node with a weight above zero is a normal state for a farm (every
@@ -89,14 +92,64 @@ def eligible(nodes: Mapping[str, int], alive: Collection[str]) -> tuple[str, ...
     return tuple(sorted(n for n in set(alive) if nodes[n] > 0))
 
 
+def _capacities(nodes: Mapping[str, int]) -> dict[str, int]:
+    """Buckets per weighted node, proportional to weight, summing to ``BUCKETS``.
+
+    Largest remainder: each node gets the floor of its quota, the buckets
+    left go to the largest fractional parts (the name breaks ties).
+    """
+    weighted = sorted(n for n, w in nodes.items() if w > 0)
+    total = sum(nodes[n] for n in weighted)
+    quotas = {n: BUCKETS * nodes[n] / total for n in weighted}
+    caps = {n: int(q) for n, q in quotas.items()}
+    left = BUCKETS - sum(caps.values())
+    for name in sorted(weighted, key=lambda n: (caps[n] - quotas[n], n))[:left]:
+        caps[name] += 1
+    return caps
+
+
+def home_map(nodes: Mapping[str, int], seed: Seed) -> BucketMap:
+    """Each bucket's home: its owner when every weighted node is alive.
+
+    Plain rendezvous leaves each node's share to chance (with 3 nodes and 256
+    buckets, shares of 75-95 are common), which shows as unequal load. Homes
+    are balanced exactly: (bucket, node) pairs are taken by descending score,
+    a pair being kept while its bucket has no home and its node has room.
+    """
+    _check_weights(nodes, ())
+    caps = _capacities(nodes)
+    if not caps:
+        return (None,) * BUCKETS
+    raw = _seed_bytes(seed)
+    pairs = sorted(
+        ((_score(raw, b, n, nodes[n]), n, b) for b in range(BUCKETS) for n in caps), reverse=True
+    )
+    home: list[str | None] = [None] * BUCKETS
+    for _, name, bucket in pairs:
+        if home[bucket] is None and caps[name] > 0:
+            home[bucket] = name
+            caps[name] -= 1
+    return tuple(home)
+
+
 def bucket_map(nodes: Mapping[str, int], alive: Collection[str], seed: Seed) -> BucketMap:
-    """The owner of each of the ``BUCKETS`` buckets (``None``: nobody eligible)."""
+    """The owner of each of the ``BUCKETS`` buckets (``None``: nobody eligible).
+
+    Each bucket has a fixed preference list: its home first, then the other
+    nodes by descending rendezvous score; its owner is the first alive node
+    of that list. A fixed list per bucket is what makes a failure move only
+    the failed node's buckets, and a return take back exactly those.
+    """
     candidates = eligible(nodes, alive)
     if not candidates:
         return (None,) * BUCKETS
     raw = _seed_bytes(seed)
+    homes = home_map(nodes, seed)
     owners: list[str | None] = []
     for bucket in range(BUCKETS):
+        if homes[bucket] in candidates:
+            owners.append(homes[bucket])
+            continue
         # The name breaks (astronomically unlikely) score ties so the result
         # never depends on iteration order.
         best = max(candidates, key=lambda n: (_score(raw, bucket, n, nodes[n]), n))

@@ -48,8 +48,14 @@ def lab_status(name: str) -> dict:
 
 
 @contextmanager
-def lab_running(nodes: int = 2) -> Iterator[dict]:
-    name = unique_lab_name()
+def lab_running(nodes: int = 2, name: str | None = None) -> Iterator[dict]:
+    """A lab for the duration of the block. A fixed ``name`` makes the lab's
+    node names (and so everything hashed from them) the same on every run;
+    a leftover lab of that name from an interrupted run is taken down first."""
+    if name is None:
+        name = unique_lab_name()
+    else:
+        rampart("lab", "down", "--name", name, check=False)
     try:
         rampart("lab", "up", "--name", name, "--nodes", str(nodes))
         yield lab_status(name)

@@ -1,0 +1,538 @@
+"""The primary's side of replication: operations out, acknowledgements in.
+
+The FUSE layer calls ``submit(op)`` under its ordering locks and ``wait``
+outside them (the ``ops.Replicator`` protocol, one ``DirReplicator`` per
+replicated directory). ``submit`` is cheap: it numbers the operation, notes
+its dirty regions (the commit is grouped and done by the tracker's thread)
+and queues the frame. A writer thread sends frames as soon as their region
+records are durable, many in flight at once; a reader thread takes the
+cumulative acknowledgements and wakes every waiter up to that sequence.
+
+Modes: ``sync`` waits for ACK_WRITTEN (the secondary applied it; an Fsync
+was fsynced there), ``semi`` for ACK_RECEIVED, ``async`` only for the region
+record; the bytes not yet written on the secondary (the lag) are bounded in
+every mode, so a slow peer makes ``submit`` wait rather than memory grow.
+
+When the peer is slow or gone (no acknowledgement within the module's
+heartbeat timeout, connection lost) the link goes ABSENT: every waiter is
+released at once, the regions of everything unacknowledged stay recorded,
+and later operations are only recorded. An ERROR frame makes the link STALE
+the same way. The application never waits on a missing peer for longer
+than the timeout, and never loses an acknowledged write: it is on the
+primary's disk and its region is in the dirty log for the next resync.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from node_service.errors import RetryableError
+from node_service.replication import frames, ops
+from node_service.replication.dirty import (
+    PRIMARY_ROLE,
+    DirtyLogError,
+    DirtyTracker,
+    dirty_regions,
+)
+from node_service.replication.frames import Frame, FrameType
+from node_service.replication.link import (
+    Link,
+    Mode,
+    SenderStats,
+    Ticket,
+    parse_mode,
+    rate,
+    replication_status,
+    state_fields,
+)
+from node_service.replication.transport import Channel, PeerGone, connect
+
+log = logging.getLogger("rampart.replication.sender")
+
+# the link vocabulary is defined in link.py; re-exported for callers of the sender
+__all__ = [
+    "DirReplicator",
+    "Link",
+    "Mode",
+    "Sender",
+    "SenderStats",
+    "Ticket",
+    "replication_status",
+    "state_fields",
+]
+
+DEFAULT_MAX_LAG_BYTES = 64 * 1024 * 1024
+SEND_BATCH_BYTES = 4 * 1024 * 1024
+
+EventSink = Callable[[str, str], None]  # (severity, message)
+
+
+class Sender:
+    """One module's replication stream to its secondary."""
+
+    def __init__(
+        self,
+        *,
+        module: str,
+        node: str,
+        peer: str,
+        dirs: tuple[str, ...],
+        tracker: DirtyTracker,
+        mode: Mode | str = Mode.SYNC,
+        timeout: float = 3.0,
+        max_lag_bytes: int = DEFAULT_MAX_LAG_BYTES,
+        on_event: EventSink | None = None,
+    ):
+        self.module = module
+        self.node = node
+        self.peer = peer
+        self.dirs = dirs
+        self.tracker = tracker
+        tracker.set_role(PRIMARY_ROLE)
+        self.mode = parse_mode(mode) if isinstance(mode, str) else mode
+        self.timeout = timeout
+        self.max_lag_bytes = max_lag_bytes
+        self._on_event = on_event or (lambda severity, message: None)
+        self._cond = threading.Condition()
+        self._paths = [ops.HandlePaths() for _ in dirs]
+        self._opens: dict[tuple[int, int], ops.Open] = {}
+        self._orphans: set[tuple[int, int]] = set()
+        self._pending: dict[tuple[int, int], ops.Open] = {}
+        self._missed: collections.defaultdict[int, set] = collections.defaultdict(set)
+        self._link = Link.IDLE
+        self._reason = "not connected yet"
+        self.peer_history_known = False
+        self._channel: Channel | None = None
+        self._seq = 0
+        self._received = 0
+        self._written = 0
+        # (frame type, seq, record epoch, payload) in the order they must leave
+        self._queue: collections.deque[tuple[FrameType, int, int, bytes]] = collections.deque()
+        self._requests = 0
+        self._replies: dict[int, list[bytes]] = {}
+        self._answered: set[int] = set()
+        self._inflight: collections.OrderedDict[int, tuple[tuple, int]] = collections.OrderedDict()
+        self._lag_bytes = 0
+        self._last_rx = time.monotonic()
+        self._ops = self._bytes_sent = self._acks = self._resent = self._acked_bytes = 0
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        self._threads: list[threading.Thread] = []
+
+    # ---- connection --------------------------------------------------------
+
+    def connect(
+        self,
+        address: tuple[str, int],
+        ctx: ssl.SSLContext,
+        generation: int = 0,
+        *,
+        resync: bool = False,
+    ) -> None:
+        """Open the stream; on failure the link is ABSENT and PeerGone says why.
+
+        A secondary that says it is stale gets nothing but a resync
+        (``resync=True``): the link goes STALE and operations are only recorded.
+        """
+        try:
+            channel = connect(address, ctx, self.peer, self.timeout)
+            try:
+                channel.send_frame(frames.hello(self.module, self.node, generation))
+                reply = channel.read_frame(self.timeout)
+                if reply.type == FrameType.ERROR:
+                    raise PeerGone(f"{self.peer} refused: {frames.parse_error(reply).message}")
+                welcome = frames.parse_welcome(reply)
+                if (welcome.module, welcome.node) != (self.module, self.peer):
+                    raise PeerGone(f"{self.peer} answered as {welcome.node}/{welcome.module}")
+            except BaseException:
+                channel.close()
+                raise
+        except RetryableError as exc:
+            self._go(Link.ABSENT, f"cannot connect to {self.peer}: {exc}")
+            raise PeerGone(str(exc)) from None
+        if welcome.stale and not resync:
+            channel.close()
+            self._go(Link.STALE, f"{self.peer} is stale and needs a resync")
+            return
+        with self._cond:
+            if self._link == Link.CLOSED:
+                channel.close()
+                raise PeerGone(f"replication of {self.module} is stopped")
+            if self._link == Link.CONNECTED:
+                # what the old connection had in flight stays dirty, never "acked"
+                self._go_locked(Link.ABSENT, "connection replaced")
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self.peer_history_known = welcome.history
+            self._channel = channel
+            self._link = Link.CONNECTED
+            self._reason = f"connected to {self.peer}" + (" (peer stale)" if welcome.stale else "")
+            self._last_rx = time.monotonic()
+            self._received = self._written = self._seq
+            if resync:
+                # First, so a stale secondary applies everything that follows.
+                self._queue.append((FrameType.RESYNC_BEGIN, self._seq, 0, b""))
+            # Under the same lock hold as CONNECTED: no application operation
+            # can slip in front of the re-opens it depends on.
+            self._reopen_handles(defer=resync)
+        for target, role in ((self._write_loop, "send"), (self._read_loop, "acks")):
+            thread = threading.Thread(
+                target=target, args=(channel,), name=f"repl-tx-{role}-{self.module}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+        self._on_event("info", f"replication of {self.module} to {self.peer} connected")
+
+    def _reopen_handles(self, *, defer: bool) -> None:
+        # The secondary's handle table starts empty on every connection: files
+        # the application still holds open are opened again there first. A
+        # handle whose file was unlinked has no name to open: its operations
+        # are dropped until it is released (they dirty no region either).
+        # Before a resync the file may not exist there yet: the re-opens wait
+        # for reopen_pending(), and operations on those handles are recorded
+        # as missed regions for the resync to send.
+        self._orphans.clear()
+        self._pending.clear()
+        self._missed.clear()
+        for (index, handle), op in list(self._opens.items()):
+            path = self._paths[index](handle)
+            if path is None:
+                self._orphans.add((index, handle))
+            elif defer:
+                self._pending[(index, handle)] = op
+            else:
+                self._reopen(index, op, path)
+
+    def _reopen(self, index: int, op: ops.Open, path: str) -> None:
+        flags = op.flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)
+        self.submit(index, replace(op, path=path, flags=flags, created=False, stamps=()))
+
+    def reopen_pending(self) -> dict[int, set]:
+        """Re-open the deferred handles now; return the regions they missed, per dir.
+
+        Called by the resync once every file exists on the secondary, while it
+        holds the namespace ordering lock.
+        """
+        with self._cond:
+            pending, self._pending = self._pending, {}
+            for (index, handle), op in pending.items():
+                path = self._paths[index](handle)
+                if path is None:
+                    self._orphans.add((index, handle))
+                else:
+                    self._reopen(index, op, path)
+            missed, self._missed = self._missed, collections.defaultdict(set)
+            return dict(missed)
+
+    # ---- the Replicator side -----------------------------------------------
+
+    def replicator(self, dir: str) -> DirReplicator:
+        return DirReplicator(self, self.dirs.index(dir))
+
+    def submit(self, index: int, op: ops.Op, *, resync: bool = False) -> Ticket:
+        data = ops.encode(op)
+        size = len(data)
+        with self._cond:
+            if self._link == Link.CONNECTED and self._lag_bytes + size > self.max_lag_bytes:
+                self._wait_for_room(size)
+            paths = self._paths[index]
+            regions = dirty_regions(self.dirs[index], ops.regions(op, paths))
+            paths.follow(op)
+            self._follow_opens(index, op)
+            epoch = self.tracker.add(regions)
+            key = (index, getattr(op, "handle", 0))
+            orphan, pending = key in self._orphans, key in self._pending
+            if isinstance(op, ops.Release):
+                self._orphans.discard(key)
+                self._pending.pop(key, None)
+            if pending:
+                self._missed[index].update(regions)
+            if self._link != Link.CONNECTED or orphan or pending:
+                self.tracker.keep(regions)
+                return Ticket(0, epoch)
+            self._seq += 1
+            seq = self._seq
+            self._inflight[seq] = (regions, size)
+            self._queue.append((FrameType.OP, seq, epoch, frames.op_payload(index, data)))
+            self._lag_bytes += size
+            self._ops += 1
+            if resync:
+                self._resent += size
+            self._cond.notify_all()
+            return Ticket(seq, epoch)
+
+    def wait(self, ticket: Ticket) -> None:
+        # The application is never told "done" before the region record is durable.
+        self.tracker.wait_durable(ticket.epoch, max(self.timeout, 30.0))
+        if ticket.seq == 0 or self.mode == Mode.ASYNC:
+            return
+        with self._cond:
+            done = self._cond.wait_for(
+                lambda: self._acked() >= ticket.seq or self._link != Link.CONNECTED,
+                self.timeout,
+            )
+            if not done:
+                self._go_locked(
+                    Link.ABSENT,
+                    f"{self.peer} did not acknowledge operation {ticket.seq} "
+                    f"within {self.timeout:.1f}s",
+                )
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything sent is written on the peer (or the link is down)."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._written >= self._seq or self._link != Link.CONNECTED,
+                timeout if timeout is not None else self.timeout,
+            )
+
+    # ---- requests for resync and verify ---------------------------------------
+
+    def request(self, frame: Frame, timeout: float) -> list[bytes]:
+        """Send a DIRTY_REQUEST, SCAN or RESYNC_END in operation order; return the reply chunks.
+
+        The frame's seq is replaced by a request id. Raises PeerGone when the
+        link drops or no complete answer arrives within ``timeout``.
+        """
+        with self._cond:
+            if self._link != Link.CONNECTED:
+                raise PeerGone(f"{self.peer} is {self._link}: {self._reason}")
+            self._requests += 1
+            rid = self._requests
+            self._replies[rid] = []
+            self._queue.append((frame.type, rid, 0, frame.payload))
+            self._cond.notify_all()
+            try:
+                self._cond.wait_for(
+                    lambda: rid in self._answered or self._link != Link.CONNECTED, timeout
+                )
+                if rid not in self._answered:
+                    if self._link != Link.CONNECTED:
+                        raise PeerGone(f"{frame.type.name} to {self.peer} lost: {self._reason}")
+                    raise PeerGone(f"{frame.type.name} to {self.peer} unanswered in {timeout:.0f}s")
+                return self._replies[rid]
+            finally:
+                self._replies.pop(rid, None)
+                self._answered.discard(rid)
+
+    def settle_if_connected(self, regions) -> bool:
+        """Forget resynced regions, unless the link dropped (then they stay pinned)."""
+        with self._cond:
+            if self._link != Link.CONNECTED:
+                return False
+            self.tracker.settle(regions)
+            return True
+
+    def _live(self, channel: Channel) -> bool:
+        return self._channel is channel and self._link == Link.CONNECTED
+
+    def _lose(self, channel: Channel, reason: str) -> None:
+        with self._cond:
+            if self._live(channel):
+                self._go_locked(Link.ABSENT, reason)
+
+    def _acked(self) -> int:
+        return self._written if self.mode == Mode.SYNC else self._received
+
+    def _wait_for_room(self, size: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        while self._link == Link.CONNECTED and self._lag_bytes + size > self.max_lag_bytes:
+            left = deadline - time.monotonic()
+            # A single operation larger than the bound goes alone.
+            if self._lag_bytes == 0:
+                return
+            if left <= 0:
+                self._go_locked(
+                    Link.ABSENT,
+                    f"{self.peer} too slow: {self._lag_bytes} bytes not written "
+                    f"after {self.timeout:.1f}s",
+                )
+                return
+            self._cond.wait(left)
+
+    def _follow_opens(self, index: int, op: ops.Op) -> None:
+        if isinstance(op, ops.Open):
+            self._opens[(index, op.handle)] = op
+        elif isinstance(op, ops.Release):
+            self._opens.pop((index, op.handle), None)
+
+    # ---- state ---------------------------------------------------------------
+
+    @property
+    def link(self) -> Link:
+        return self._link
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    def wait_link(self, link: Link, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._link == link, timeout)
+
+    def stats(self) -> SenderStats:
+        with self._cond:
+            return SenderStats(
+                link=str(self._link),
+                reason=self._reason,
+                ops=self._ops,
+                bytes_sent=self._bytes_sent,
+                acks=self._acks,
+                bytes_per_s=rate(self._samples, time.monotonic()),
+                lag_ops=len(self._inflight),
+                lag_bytes=self._lag_bytes,
+                resent_bytes=self._resent,
+            )
+
+    def mark_absent(self, reason: str) -> None:
+        """The peer is known lost (heartbeats): stop sending, keep recording."""
+        self._go(Link.ABSENT, reason)
+
+    def close(self) -> None:
+        self._go(Link.CLOSED, "replication stopped")
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _go(self, link: Link, reason: str) -> None:
+        with self._cond:
+            self._go_locked(link, reason)
+
+    def _go_locked(self, link: Link, reason: str) -> None:
+        if self._link == Link.CLOSED or self._link == link:
+            return
+        if self._link == Link.STALE and link == Link.ABSENT:
+            return  # stale says more: only a resync helps, not just a reconnect
+        was = self._link
+        self._link, self._reason = link, reason
+        kept = 0
+        for regions, _size in self._inflight.values():
+            self.tracker.keep(regions)
+            kept += 1
+        self._inflight.clear()
+        self._queue.clear()
+        self._lag_bytes = 0
+        self._cond.notify_all()
+        if self._channel is not None:
+            self._channel.close()
+        if link == Link.CLOSED:
+            return
+        severity = "error" if link == Link.STALE else "warning"
+        self._on_event(
+            severity,
+            f"replication of {self.module} to {self.peer} {link}: {reason}; "
+            f"{kept} operations in flight kept as dirty regions for resync",
+        )
+        log.warning("%s -> %s (%s)", was, link, reason)
+
+    # ---- threads -------------------------------------------------------------
+
+    def _write_loop(self, channel: Channel) -> None:
+        ping_every = max(self.timeout / 3, 0.05)
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or not self._live(channel), ping_every)
+                if not self._live(channel):
+                    return
+                batch = []
+                size = 0
+                while self._queue and size < SEND_BATCH_BYTES:
+                    item = self._queue.popleft()
+                    batch.append(item)
+                    size += len(item[3])
+            try:
+                if not batch:
+                    channel.send_frame(Frame(FrameType.PING, 0))
+                    continue
+                # Recorded before the data leaves: the grouped commit covering
+                # every frame of the batch is awaited first.
+                self.tracker.wait_durable(max(b[2] for b in batch), max(self.timeout, 30.0))
+                chunks = []
+                for ftype, seq, _epoch, payload in batch:
+                    chunks.append(frames.encode_header(ftype, seq, len(payload)))
+                    chunks.append(payload)
+                channel.send(*chunks)
+            except (RetryableError, DirtyLogError) as exc:
+                self._lose(channel, str(exc))
+                return
+            with self._cond:
+                self._bytes_sent += size
+
+    def _read_loop(self, channel: Channel) -> None:
+        poll = max(min(self.timeout / 4, 0.25), 0.01)
+        while True:
+            try:
+                got = channel.read_frames(poll)
+            except RetryableError as exc:
+                self._lose(channel, str(exc))
+                return
+            if got is None:
+                self._lose(channel, f"{self.peer} closed the replication connection")
+                return
+            with self._cond:
+                if not self._live(channel):
+                    return
+                now = time.monotonic()
+                if got:
+                    self._last_rx = now
+                try:
+                    for frame in got:
+                        self._take_locked(frame, now)
+                except RetryableError as exc:
+                    self._go_locked(Link.ABSENT, f"bad frame from {self.peer}: {exc}")
+                    return
+                if self._link == Link.CONNECTED and now - self._last_rx > self.timeout:
+                    self._go_locked(
+                        Link.ABSENT, f"no answer from {self.peer} for {self.timeout:.1f}s"
+                    )
+
+    def _take_locked(self, frame: Frame, now: float) -> None:
+        if frame.type == FrameType.ACK_RECEIVED:
+            self._received = max(self._received, frame.seq)
+        elif frame.type == FrameType.ACK_WRITTEN:
+            self._written = max(self._written, frame.seq)
+            self._received = max(self._received, frame.seq)
+            while self._inflight:
+                seq = next(iter(self._inflight))
+                if seq > frame.seq:
+                    break
+                regions, size = self._inflight.pop(seq)
+                self.tracker.release(regions)
+                self._lag_bytes -= size
+                self._acked_bytes += size
+            self._samples.append((now, self._acked_bytes))
+        elif frame.type in (FrameType.DIRTY, FrameType.MANIFEST):
+            if frame.seq in self._replies:
+                self._replies[frame.seq].append(frame.payload)
+        elif frame.type == FrameType.REPLY_END:
+            self._answered.add(frame.seq)
+        elif frame.type == FrameType.ERROR:
+            err = frames.parse_error(frame)
+            self._go_locked(
+                Link.STALE, f"{self.peer} failed at operation {frame.seq}: {err.message}"
+            )
+            return
+        else:
+            self._go_locked(Link.ABSENT, f"unexpected {frame.type.name} frame from {self.peer}")
+            return
+        self._acks += 1
+        self._cond.notify_all()
+
+
+class DirReplicator:
+    """The ``ops.Replicator`` of one replicated directory of the module."""
+
+    def __init__(self, sender: Sender, index: int):
+        self.sender = sender
+        self.index = index
+
+    def submit(self, op: ops.Op) -> Ticket:
+        return self.sender.submit(self.index, op)
+
+    def wait(self, ticket: object) -> None:
+        assert isinstance(ticket, Ticket)
+        self.sender.wait(ticket)

@@ -1,0 +1,289 @@
+"""Reintegration, full sync and verify over the real transport, with real trees.
+
+The primary's tree is changed the way the FUSE layer does it: the operation
+is applied locally (here through an Applier on the primary's directory) and
+submitted, both under one ordering lock that the resync also takes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from node_service.replication import ops, verify
+from node_service.replication.applier import Applier
+from node_service.replication.dirty import DirtyRegion, DirtyTracker
+from node_service.replication.resync import Resync, SingleLock, merge_want, repair_order, wanted
+from node_service.replication.sender import Link
+from tests.unit.repl_pair import DIR, Pair, make_site, open_op, write_op
+
+REGION = 64 * 1024
+MTIME = 1_700_000_000_000_000_000
+
+
+class Primary:
+    """Applies an operation to the primary's tree and replicates it, like fs.py."""
+
+    def __init__(self, pair: Pair, root: Path):
+        self.pair = pair
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.local = Applier(self.root_fd)
+        self.ordering = SingleLock()
+        self.lock = self.ordering.lock
+
+    def do(self, op: ops.Op) -> None:
+        with self.lock:
+            self.local.apply(op)
+            if hasattr(op, "stamps"):  # as fs.py does: times the primary ended up with
+                op = replace(op, stamps=self._stamps(op))
+            ticket = self.pair.replicator.submit(op)
+        self.pair.replicator.wait(ticket)
+
+    def _stamps(self, op: ops.Op) -> tuple[ops.Stamp, ...]:
+        paths = [getattr(op, name) for name in ("path", "src", "dst") if hasattr(op, name)]
+        out = {}
+        for path in paths:
+            for rel in (path.rpartition("/")[0], path):
+                try:
+                    st = os.stat(rel or ".", dir_fd=self.root_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out[rel] = ops.Stamp(rel, st.st_mtime_ns)
+        return tuple(out.values())
+
+    def resync(self, full: bool = False):
+        passes = Resync(self.pair.sender, [self.root_fd], ordering=self.ordering, timeout=30)
+        return passes.run(lambda: self.pair.connect(resync=True), full=full)
+
+    def verify(self) -> list[str]:
+        return Resync(self.pair.sender, [self.root_fd], timeout=30).verify()
+
+    def close(self) -> None:
+        self.local.close()
+        os.close(self.root_fd)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    return make_site(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture
+def trees(site, tmp_path) -> Iterator[tuple[Primary, Pair, Path, Path]]:
+    src, dst = tmp_path / "primary", tmp_path / "secondary"
+    src.mkdir()
+    dst.mkdir()
+    root = tmp_path / "pair"
+    root.mkdir()
+    for name in ("n1", "n2"):
+        (root / name).symlink_to(site / name)
+    dst_fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    pair = Pair(root, appliers=lambda: [Applier(dst_fd)])
+    primary = Primary(pair, src)
+    try:
+        yield primary, pair, src, dst
+    finally:
+        pair.close()
+        primary.close()
+        os.close(dst_fd)
+
+
+def differences(src: Path, dst: Path) -> list[str]:
+    a = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    b = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return verify.report(verify.diff(verify.scan(a), verify.scan(b)), DIR)
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def block(n: int, size: int = REGION) -> bytes:
+    return bytes([n % 251]) * size
+
+
+def test_wanted_and_repair_order_are_pure_plans():
+    regions = frozenset(
+        {DirtyRegion(DIR, "a", 3), DirtyRegion(DIR, "a", 1), DirtyRegion(DIR, "d", ops.ENTRY)}
+    )
+    assert wanted(regions, DIR) == {"a": [1, 3], "d": None}
+    diffs = (
+        verify.Difference("x", "extra", ""),
+        verify.Difference("x/y", "extra", ""),
+        verify.Difference("z", "content", "", (2,)),
+    )
+    removals, creations = repair_order(diffs, {"x": None, "x/y": None})
+    assert removals == ["x/y", "x"] and creations == []
+    assert merge_want({"a": [1], "b": None}, {"a": [2], "b": [3], "c": [4]}) == {
+        "a": [1, 2],
+        "b": None,
+        "c": [4],
+    }
+
+
+def test_reintegration_sends_only_the_dirty_blocks_and_ends_identical(trees):
+    primary, pair, src, dst = trees
+    pair.connect()
+    primary.do(ops.Mkdir("docs", 0o755, 0, 0))
+    primary.do(open_op(1, "docs/big"))
+    for i in range(32):  # 2 MiB
+        primary.do(write_op(1, i * REGION, block(i)))
+    primary.do(open_op(2, "old"))
+    primary.do(write_op(2, 0, b"to be removed"))
+    assert differences(src, dst) == []
+
+    pair.sender.mark_absent("peer lost")
+    modified = 0
+    for i in (3, 17, 30):
+        primary.do(write_op(1, i * REGION, block(100 + i)))
+        modified += REGION
+    primary.do(ops.Release(2))
+    primary.do(ops.Unlink("old"))
+    primary.do(ops.Mkdir("new", 0o700, 0, 0))
+    primary.do(open_op(3, "new/file"))
+    primary.do(write_op(3, 0, b"created while alone"))
+    modified += len(b"created while alone")
+    assert differences(src, dst) != []
+
+    result = primary.resync()
+    assert differences(src, dst) == []
+    assert result.bytes_resent <= 1.2 * modified
+    assert pair.sender.link == Link.CONNECTED
+    # the application's handles survived: writing on after the resync works
+    primary.do(write_op(1, 0, b"after"))
+    assert pair.sender.drain(5)
+    assert differences(src, dst) == []
+
+
+def test_regions_dirty_only_on_the_secondary_are_repaired(trees):
+    primary, pair, src, dst = trees
+    pair.connect()
+    primary.do(open_op(1, "f"))
+    for i in range(4):
+        primary.do(write_op(1, i * REGION, block(i)))
+    assert pair.sender.drain(5)
+    # as after a crash of the secondary: a block it had in flight is garbage,
+    # and only its own dirty log knows
+    with open(dst / "f", "r+b") as f:
+        f.seek(2 * REGION)
+        f.write(b"torn write")
+    pair.log2.record([DirtyRegion(DIR, "f", 2)])
+    pair.receiver.close()
+    pair.tracker2.close()
+
+    pair.tracker2 = DirtyTracker(pair.log2, name="n2-restarted", clear_delay=0.05)
+    pair.receiver.tracker = pair.tracker2
+    result = primary.resync()
+    assert result.differences >= 1
+    assert result.bytes_resent < 2 * REGION
+    assert differences(src, dst) == []
+
+
+def test_full_sync_compares_block_hashes_and_removes_extras(trees):
+    primary, _pair, src, dst = trees
+    data = b"".join(block(i) for i in range(16))
+    (src / "same").write_bytes(data)
+    (dst / "same").write_bytes(data)
+    changed = bytearray(data)
+    changed[5 * REGION : 5 * REGION + 3] = b"xyz"
+    (src / "changed").write_bytes(bytes(changed))
+    (dst / "changed").write_bytes(data)
+    (dst / "extra-dir" / "deep").mkdir(parents=True)
+    (dst / "extra-dir" / "deep" / "file").write_bytes(b"only here")
+    (src / "link").symlink_to("same")
+    (dst / "link").symlink_to("elsewhere")
+    for tree in (src, dst):  # equal times, so only content and names differ
+        for name in ("same", "changed"):
+            os.utime(tree / name, ns=(MTIME, MTIME))
+    result = primary.resync(full=True)
+    assert differences(src, dst) == []
+    assert result.full
+    assert result.bytes_resent < 2 * REGION  # one 64 KiB block, not 2 MiB
+    assert primary.verify() == []
+
+
+def test_concurrent_writes_during_a_resync_end_up_correct(trees):
+    primary, pair, src, dst = trees
+    pair.connect()
+    primary.do(open_op(1, "db"))
+    for i in range(64):
+        primary.do(write_op(1, i * REGION, block(i)))
+    pair.sender.mark_absent("peer lost")
+    for i in range(0, 64, 2):
+        primary.do(write_op(1, i * REGION + 7, b"while alone"))
+    stop = threading.Event()
+    rng = random.Random(7)
+
+    def application() -> None:
+        n = 0
+        while not stop.is_set() and n < 2000:
+            i = rng.randrange(64)
+            primary.do(write_op(1, i * REGION + rng.randrange(REGION - 16), b"app %08d" % n))
+            n += 1
+
+    writer = threading.Thread(target=application, name="test-app-writer")
+    writer.start()
+    try:
+        primary.resync()
+    finally:
+        stop.set()
+        writer.join(30)
+    assert pair.sender.drain(10)
+    assert pair.sender.link == Link.CONNECTED
+    assert differences(src, dst) == []
+
+
+def test_a_stale_secondary_is_cleared_by_a_resync(trees):
+    primary, pair, src, dst = trees
+    pair.log2.set_stale("operation 9 from n1 failed: No space left on device")
+    (src / "f").write_bytes(b"primary")
+    (dst / "f").write_bytes(b"secondary, stale")
+    pair.connect()
+    assert pair.sender.link == Link.STALE  # nothing but a resync for a stale peer
+    primary.resync(full=True)
+    assert pair.receiver.stale is None and pair.log2.stale is None
+    assert (dst / "f").read_bytes() == b"primary"
+    assert any("resync from n1 complete" in msg for _, _, msg in pair.events)
+
+
+def test_verify_lists_every_differing_file(trees):
+    primary, pair, src, dst = trees
+    for tree in (src, dst):
+        (tree / "sub").mkdir()
+        (tree / "ok").write_bytes(b"same")
+    (src / "sub" / "a").write_bytes(b"one")
+    (dst / "sub" / "a").write_bytes(b"two")
+    (src / "only-primary").write_bytes(b"p")
+    (dst / "only-secondary").write_bytes(b"s")
+    for tree in (src, dst):
+        for path in ("ok", "sub/a", "sub", ""):
+            os.utime(tree / path, ns=(MTIME, MTIME))
+    pair.connect()
+    lines = primary.verify()
+    assert [line.split(":")[0] for line in lines] == [
+        f"{DIR}/only-primary",
+        f"{DIR}/only-secondary",
+        f"{DIR}/sub/a",
+    ]
+
+
+def test_unknown_history_means_a_full_sync_then_dirty_regions_suffice(trees):
+    primary, pair, src, dst = trees
+    (src / "before").write_bytes(b"written before replication started")
+    passes = Resync(pair.sender, [primary.root_fd], ordering=primary.ordering, timeout=30)
+    first = passes.run(lambda: pair.connect(resync=True))  # fresh logs: no history
+    assert first.full
+    assert differences(src, dst) == []
+    primary.do(open_op(1, "later"))
+    pair.sender.mark_absent("peer lost")
+    primary.do(write_op(1, 3 * REGION, b"while alone"))
+    second = passes.run(lambda: pair.connect(resync=True))
+    assert not second.full and second.regions >= 1
+    assert passes.remaining_bytes == 0 and not passes.running
+    assert differences(src, dst) == []

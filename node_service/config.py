@@ -9,16 +9,32 @@ the kind of mistake that shows up at 3 a.m. as a failover that never happens.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from node_service.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/rampart/node.yaml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]{1,5})$")
+
+
+class Listen(NamedTuple):
+    """A TCP address one of the optional HTTP endpoints binds to."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,10 @@ class NodeConfig:
     # Not in the original interface table: lets several daemons share one
     # machine (tests, lab) without writing into one journal file.
     log_dir: Path = Path("/var/log/rampart")
+    # Optional TCP endpoints, off unless set: Prometheus text and the cloud
+    # load balancers' per-module health checks (docs/health-checks.md).
+    metrics_listen: Listen | None = None
+    health_listen: Listen | None = None
     source: str = field(default="node.yaml", compare=False)
 
     @property
@@ -71,6 +91,26 @@ def _level(value: Any) -> str | None:
     return None
 
 
+def _listen(value: Any) -> Listen | None:
+    # IP literals only, as for module addresses: a node must not need DNS to
+    # come up, and "localhost" may resolve to an address family we do not bind.
+    match = _LISTEN.match(value) if isinstance(value, str) else None
+    if match is None:
+        return None
+    try:
+        host = ipaddress.ip_address(match["v6"] or match["v4"])
+    except ValueError:
+        return None
+    if (host.version == 6) != bool(match["v6"]):
+        return None
+    port = _port(int(match["port"]))
+    return Listen(str(host), port) if port is not None else None
+
+
+LISTEN_EXPECTED = 'IP:PORT, e.g. "127.0.0.1:9810" or "[::1]:9810" (quoted), or null for off'
+# Keys whose value may be null (YAML ``null``, ``~`` or empty): the feature is off.
+_NULLABLE = ("metrics_listen", "health_listen")
+
 # key -> (converter returning None when invalid, what is expected)
 _FIELDS = {
     "node": (_node_name, "a node name (letters, digits, '.', '_', '-'; at most 63)"),
@@ -82,6 +122,8 @@ _FIELDS = {
     "site_dir": (_absolute, "an absolute path"),
     "log_level": (_level, "one of " + ", ".join(LOG_LEVELS)),
     "log_dir": (_absolute, "an absolute path"),
+    "metrics_listen": (_listen, LISTEN_EXPECTED),
+    "health_listen": (_listen, LISTEN_EXPECTED),
 }
 
 
@@ -120,6 +162,9 @@ def parse(text: str, source: str = "node.yaml") -> NodeConfig:
                 if isinstance(value_node, yaml.ScalarNode)
                 else None
             )
+            if raw is None and key in _NULLABLE and isinstance(value_node, yaml.ScalarNode):
+                values[key] = None
+                continue
             converted = convert(raw) if raw is not None else None
             if converted is None:
                 shown = raw if raw is not None else value_node.tag.rsplit(":", 1)[-1]

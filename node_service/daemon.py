@@ -96,6 +96,7 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------
 
     async def run(self) -> int:
+        from node_service.api.http_endpoints import HttpEndpoints
         from node_service.api.server import ApiServer
 
         loop = asyncio.get_running_loop()
@@ -106,9 +107,11 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, f"signal {signum.name}")
         server = ApiServer(self)
+        endpoints = HttpEndpoints(self)  # metrics/health over TCP, when node.yaml asks
         try:
             self.load_modules()
             await server.start()
+            await endpoints.start()
             await self.refresh_heartbeats()
             self.journal.record(
                 "info", f"rampartd {__version__} started on node {self.config.node} "
@@ -124,6 +127,7 @@ class Daemon:
         try:
             await self.shutdown()
         finally:
+            await endpoints.close()
             await server.close()
             self.journal.record("info", f"rampartd stopped on node {self.config.node}")
             self.journal.close()
@@ -433,13 +437,18 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr, format=fmt)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from node_service import config as config_mod
-
+def build_parser() -> argparse.ArgumentParser:
+    """rampartd's arguments (also read by clidoc for docs/cli-reference.md)."""
     parser = argparse.ArgumentParser(prog="rampartd", description="Rampart node daemon.")
     parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help="node.yaml path")
     parser.add_argument("--version", action="version", version=f"rampartd {__version__}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from node_service import config as config_mod
+
+    args = build_parser().parse_args(argv)
     try:
         config = config_mod.load(args.config)
     except RampartError as exc:

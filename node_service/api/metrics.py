@@ -11,6 +11,11 @@ stale gauges for removed modules):
   and ``rampart_module_<name>{module,key}`` for a one-level dict of numbers
   (e.g. ``heartbeat_rtt_seconds`` per network address)
 - ``rampart_journal_subscribers``
+- the labelled families of ``api.node_metrics`` (peers, heartbeat RTT per
+  network, replication, farm buckets per node, checker results)
+
+The same text is served on the API socket and, when node.yaml sets
+``metrics_listen``, over TCP (``api.http_endpoints``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from node_service import __version__
+from node_service.api import node_metrics
 
 if TYPE_CHECKING:
     from node_service.daemon import Daemon
@@ -77,6 +85,8 @@ class DaemonCollector:
         subscribers = GaugeMetricFamily("rampart_journal_subscribers", "events/watch readers")
         subscribers.add_metric([], d.journal.subscriber_count)
         yield subscribers
+        # Labelled families (peers, RTT per network, replication, buckets, checkers).
+        yield from node_metrics.families(d.config.node, __version__, node_metrics.views(d))
 
 
 def _add_custom(families: dict[str, GaugeMetricFamily], module: str, key: str, value: Any) -> None:

@@ -11,9 +11,10 @@ APT_PACKAGES := python3 python3-venv python3-dev fuse3 libfuse3-3 nftables opens
 	openssh-client iproute2 iputils-ping arping procps psmisc util-linux kmod xvfb xauth \
 	libegl1 libgl1 libfontconfig1 libdbus-1-3 libxkbcommon0 libxkbcommon-x11-0 \
 	libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 \
-	libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxcb-xfixes0
+	libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxcb-xfixes0 \
+	systemd init-system-helpers desktop-file-utils dpkg
 
-.PHONY: help setup os-packages venv demo test lint bench clean
+.PHONY: help setup os-packages venv demo test lint bench clean deb
 help:
 	@echo "make demo   - set up everything, then run the demo"
 	@echo "make test   - set up everything, then lint and run every test"
@@ -51,6 +52,10 @@ test: lint
 
 bench: setup
 	$(PY) -m bench
+
+# build/deb/rampart_*.deb (node) and rampart-console_*.deb; docs/install.md
+deb: setup
+	$(PY) installers/deb/build.py --out build/deb
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

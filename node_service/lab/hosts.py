@@ -128,8 +128,27 @@ def create_mount_ns(layout: Layout, host: Host) -> None:
         script.append(f"umount -l {shlex.quote(point)} 2>/dev/null || true")
     for path in PRIVATE_DIRS:
         script.append(f"mount --bind {shlex.quote(str(layout.private_dir(host, path)))} {path}")
+    script += shell_rc_mounts(layout, host)
     argv = ["unshare", f"--mount={mnt}", "--propagation", "private", "sh", "-c", "\n".join(script)]
     run(argv, f"mount namespace of {host.name}")
+
+
+# root's shell start-up files on this machine are the machine's, not a lab
+# host's: a shell rc that does slow or locking work (a version manager's
+# rehash, say) would run in every ssh command a console sends to a node, and
+# a `lab crash` in the middle of it can leave a lock that hangs every later
+# session. Each host gets its own, plain start-up file instead.
+SHELL_RC_FILES = ("/root/.bashrc", "/root/.profile", "/root/.bash_profile")
+
+
+def shell_rc_mounts(layout: Layout, host: Host) -> list[str]:
+    rc = layout.host_dir(host) / "root.shellrc"
+    rc.write_text(f"# root's shell start-up on lab host {host.name} (written by rampart lab)\n")
+    return [
+        f"mount --bind {shlex.quote(str(rc))} {path}"
+        for path in SHELL_RC_FILES
+        if Path(path).is_file()
+    ]
 
 
 def destroy_mount_ns(layout: Layout, host: Host) -> None:

@@ -160,6 +160,17 @@ def test_sshd_answers_through_the_relay(fresh_lab):
         assert done.stdout.strip().splitlines()[-1] == str(Path(sys.prefix, "bin", "rampart"))
 
 
+def test_node_shells_do_not_run_the_machines_root_rc(fresh_lab):
+    # An ssh command runs root's shell start-up file; the machine's could
+    # do slow or locking work, so each host has its own plain one.
+    lab = fresh_lab
+    entry = lab["nodes"][0]
+    done = ssh(lab, entry["addresses"][0], "cat ~/.bashrc")
+    assert done.returncode == 0, done.stderr
+    header = f"# root's shell start-up on lab host {entry['name']} (written by rampart lab)"
+    assert done.stdout == header + "\n"
+
+
 FUSE_SCRIPT = textwrap.dedent(
     """
     import errno, stat, sys

@@ -1,0 +1,465 @@
+"""Farm modules: crash to every bucket served again, and the filter's cost on new connections.
+
+One 3-node lab (fixed name, so the same bucket map and client ports every run):
+
+1. **Crash → all buckets served**, with the default heartbeat settings
+   (250 ms / 3000 ms) and with a fast profile (100 ms / 1000 ms). The client
+   holds one source port per bucket (256, found by asking the kernel's jhash,
+   see ``farmlab.bucket_sources``) and opens one new connection from each,
+   all at once, every 50 ms. A node gets a power cut (`rampart lab crash`);
+   the figure is the time from the last round fully served before the
+   crash to the end of the first round fully served after it (so it can
+   only overstate). Five trials, each crashing the next node; the victim
+   is booted and every node must be UP with one map before the next.
+   Baseline: the heartbeat timeout, the silence after which a peer is
+   declared lost. The survivors' journals give the detection part alone.
+2. **Connection rate through the filter vs filter off**: new connections
+   (8 at a time) to the VIP with the farm UP on 3 nodes, against the same
+   with the module's nft table deleted on every node and the VIP interface
+   of two nodes down (one node holds the VIP, nothing filters). The switch
+   is done by hand (saved tables loaded back) so the two can alternate
+   quickly: 40 short runs of each, interleaved, medians compared (the
+   machine is shared and noisy; single runs vary 2-3x). The SYN counters
+   prove the filter was on. Information only, in the same cycles: one node
+   owning every bucket, so the filter's own cost is seen without the other
+   nodes' drops.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bench.farmlab import Farm, FarmLab, RoundResult, Source, farm_lab, wait_until
+from bench.figures import Figure, failed, median
+from node_service.demo import DemoError
+from node_service.errors import RampartError
+from node_service.farm import nft
+from node_service.farm.buckets import BUCKETS, module_seed
+
+LAB = "benchfm"
+TRIALS = 5
+CRASH_LIMIT_S = 3.0
+RATE_LIMIT = 0.9
+DEFAULT_PROFILE = (250, 3000)
+FAST_PROFILE = (100, 1000)
+CANDIDATE_PORTS = range(20000, 24000)  # P(some bucket missed) ~ 256 * exp(-4000/256) < 1e-4
+PROBE_TIMEOUT_S = 0.3  # below the 1 s SYN retransmit, so a dropped SYN is a failure
+PROBE_EVERY_S = 0.05
+PROBE_MAX_S = 40.0
+ROUNDS_BEFORE_CRASH = 3
+RATE_CONNECTIONS = 300  # per run; short runs, many of them, interleaved
+RATE_CONCURRENCY = 8
+RATE_WARMUP = 30
+RATE_CYCLES = 40
+RATE_TIMEOUT_S = 2.0
+RATE_PORTS = (30000, 62000)  # client ports cycle in this range (reused ports are reset, not closed)
+
+CRASH_NAME = "farm: crash to all 256 buckets served again, heartbeat {} ms / {} ms (median of 5)"
+RATE_NAME = (
+    f"farm: new connections/s through the filter, 3 nodes (median of {RATE_CYCLES} runs of "
+    f"{RATE_CONNECTIONS:,}, {RATE_CONCURRENCY} at a time)"
+)
+ALONE_NAME = (
+    f"farm: new connections/s, one node owning every bucket (filter alone; median of {RATE_CYCLES})"
+)
+
+
+@dataclass(frozen=True)
+class AtLeastFigure(Figure):
+    """A figure whose limit is a floor on its ratio to the baseline (value/baseline >= limit).
+
+    figures.Figure's limits are ceilings on the value; the connection-rate
+    figure needs "at least 0.9 of the filter-off rate".
+    """
+
+    @property
+    def ok(self) -> bool:
+        ratio = self.ratio
+        return ratio is not None and self.limit is not None and ratio >= self.limit
+
+    @property
+    def verdict(self) -> str:
+        ratio = self.ratio
+        if ratio is None or self.limit is None:
+            return "FAIL: not measured (the bounded wait ended first)"
+        sign, state = (">=", "ok") if self.ok else ("<", "FAIL")
+        return f"{state}: ratio {ratio:.2f} {sign} limit {self.limit:.2f}"
+
+
+# -- pure: reading the rounds ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outage:
+    """From ``down_from`` (the crash, at the earliest) to every bucket served again."""
+
+    seconds: float | None
+    down_from: float
+    reason: str
+
+
+def crash_outage(rounds: Sequence[RoundResult], asked: float) -> Outage:
+    """What the client's rounds say about a crash run at ``asked`` (monotonic).
+
+    The crash happened after the last fully served round started (and after
+    ``asked``, when `lab crash` was run); service was back at the latest when
+    the first fully served round after a failing one ended. Rounds started
+    before ``asked`` cannot show the crash and are ignored for the failure.
+    """
+    first_fail = next(
+        (i for i, r in enumerate(rounds) if r.started >= asked and not r.served), None
+    )
+    if first_fail is None:
+        return Outage(None, asked, "no round with a failed connection after the crash")
+    before = [r for r in rounds[:first_fail] if r.served]
+    down_from = max(asked, before[-1].started) if before else asked
+    back = next((r for r in rounds[first_fail:] if r.served), None)
+    failures = sum(1 for r in rounds[first_fail:] if not r.served)
+    if back is None:
+        return Outage(
+            None, down_from, f"{failures} round(s) with failures and none fully served since"
+        )
+    lost = sum(a is None for a in rounds[first_fail].answers)
+    return Outage(
+        back.ended - down_from,
+        down_from,
+        f"{lost} of {len(rounds[first_fail].answers)} buckets unserved in the first failing "
+        f"round, {failures} round(s) with failures",
+    )
+
+
+def recovered(asked: list[float], probing: threading.Event) -> Callable[[list[RoundResult]], bool]:
+    """Stop the rounds once the crash (asked[0], set by the other thread) is over.
+
+    ``probing`` is set once a few rounds were served: the crash may come.
+    """
+
+    def done(rounds: list[RoundResult]) -> bool:
+        if sum(r.served for r in rounds) >= ROUNDS_BEFORE_CRASH:
+            probing.set()
+        return bool(asked) and crash_outage(rounds, asked[0]).seconds is not None
+
+    return done
+
+
+def detection_s(entries: Sequence[dict], victim: str, crashed_at: float) -> float | None:
+    """Seconds from ``crashed_at`` (wall clock) to a journal's "bucket map: VICTIM lost"."""
+    seen = [
+        float(e["ts"]) - crashed_at
+        for e in entries
+        if f"bucket map: {victim} lost" in str(e.get("message", ""))
+        and float(e.get("ts", 0)) >= crashed_at
+    ]
+    return min(seen) if seen else None
+
+
+def crash_detail(notes: Sequence[str], interval_ms: int, timeout_ms: int, default: bool) -> str:
+    """The trials, and what detection alone costs with these heartbeat settings."""
+    low, high = (timeout_ms - interval_ms) / 1000, (timeout_ms + interval_ms) / 1000
+    detail = "; ".join(notes)
+    detail += (
+        f"\n    a peer is declared lost once {timeout_ms / 1000:g} s passed since its last "
+        f"heartbeat (sent every {interval_ms} ms, silence checked every {interval_ms} ms), so "
+        f"detection alone takes {low:g}-{high:g} s after a crash"
+    )
+    if default:
+        detail += (
+            "; the 3 s limit cannot be met with these defaults: detection alone reaches 3 s "
+            "about half the time, before the new map, the nft load and the probe's resolution "
+            "(see the fast profile for the takeover itself)"
+        )
+    else:
+        detail += "; information only (the 3 s limit applies to the default settings)"
+    return detail
+
+
+# -- side effects: crash trials -------------------------------------------------------------
+
+
+def wait_all_served(lab: FarmLab, farm: Farm, sources: Sequence[Source]) -> None:
+    """Every bucket's connection answered, by every node between them (bounded)."""
+
+    def whole() -> bool:
+        answers = lab.client.connect(farm, sources, PROBE_TIMEOUT_S, len(sources))
+        return None not in answers and set(answers) == set(farm.nodes)
+
+    wait_until(whole, 30.0, f"farm {farm.name}: every bucket served by its own node")
+
+
+def crash_once(
+    lab: FarmLab, farm: Farm, sources: Sequence[Source], victim: str
+) -> tuple[float, str]:
+    """Crash ``victim`` under the client's rounds, boot it back: seconds (inf: n/a), note."""
+    wait_all_served(lab, farm, sources)
+    asked: list[float] = []
+    probing = threading.Event()
+    future = lab.client.rounds(
+        farm, sources, PROBE_TIMEOUT_S, PROBE_EVERY_S, recovered(asked, probing),
+        int(PROBE_MAX_S / PROBE_EVERY_S),
+    )  # fmt: skip
+    if not probing.wait(10.0):
+        future.result(timeout=PROBE_MAX_S + 30)  # raises if the client failed
+        raise DemoError(f"farm {farm.name}: the client's rounds were not served before the crash")
+    asked.append(time.monotonic())
+    lab.driver.rampart("lab", "crash", victim)
+    outage = crash_outage(future.result(timeout=PROBE_MAX_S + 30), asked[0])
+    crashed_wall = outage.down_from + (time.time() - time.monotonic())
+    found = [
+        detection_s(lab.events(node, farm), victim, crashed_wall)
+        for node in farm.nodes
+        if node != victim
+    ]
+    detected = min((d for d in found if d is not None), default=None)
+    lab.driver.rampart("lab", "boot", victim)
+    lab.wait_serving(farm)
+    if outage.seconds is None:
+        return math.inf, f"{victim}: n/a ({outage.reason})"
+    lost = "not journaled" if detected is None else f"{detected:.2f} s"
+    note = f"{victim}: {outage.seconds:.2f} s (peer lost after {lost}; {outage.reason})"
+    return outage.seconds, note
+
+
+def crash_figure(lab: FarmLab, farm: Farm) -> Figure:
+    sources = lab.bucket_sources(farm, CANDIDATE_PORTS)
+    trials = [
+        crash_once(lab, farm, sources, farm.nodes[trial % len(farm.nodes)])
+        for trial in range(TRIALS)
+    ]
+    interval, timeout = farm.heartbeat_interval_ms, farm.heartbeat_timeout_ms
+    default = (interval, timeout) == DEFAULT_PROFILE
+    return Figure(
+        CRASH_NAME.format(interval, timeout),
+        median([seconds for seconds, _ in trials]),
+        "s",
+        farm.heartbeat_timeout_s,
+        "heartbeat timeout",
+        CRASH_LIMIT_S if default else None,
+        detail=crash_detail([note for _, note in trials], interval, timeout, default),
+    )
+
+
+# -- the filter switch (pure: the scripts each node runs) ------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterSwitch:
+    """How to turn a running farm's filter off and back on by hand, node by node.
+
+    ``tables`` are the nodes' tables as the runners loaded them (put back
+    as they were, so the runners' idea of what is loaded stays true);
+    ``links`` the VIP interfaces of the nodes other than ``keep``.
+    """
+
+    table: str
+    vip: str
+    keep: str
+    tables: dict[str, str]
+    links: dict[str, str]
+    alone: str  # the nft script owning every bucket, for ``keep``
+
+    def off(self) -> dict[str, tuple[str, str]]:
+        """No table anywhere; the VIP interface down on every node but ``keep``."""
+        drop = f"nft delete table ip {self.table}"
+        return {
+            node: (
+                drop if node == self.keep else f"ip link set {self.links[node]} down\n{drop}",
+                "",
+            )
+            for node in self.tables
+        }
+
+    def only_keep_filters(self) -> dict[str, tuple[str, str]]:
+        """``keep`` filters alone, owning every bucket (the others stay down)."""
+        return {self.keep: ("nft -f -", self.alone)}
+
+    def on(self) -> dict[str, tuple[str, str]]:
+        """Each node's own table again, then the VIP interfaces up."""
+        scripts = {}
+        for node, text in self.tables.items():
+            load = f"table ip {self.table}\ndelete table ip {self.table}\n{text}"
+            up = "" if node == self.keep else f"\nip link set {self.links[node]} up"
+            scripts[node] = (f"nft -f -{up}", load)
+        return scripts
+
+    @staticmethod
+    def look() -> str:
+        """What ``seen`` reads: the ip tables, then addresses on interfaces that are up."""
+        return "nft list tables ip\necho ==\nip -4 -o addr show up"
+
+    def seen(self, outputs: dict[str, str]) -> tuple[list[str], list[str]]:
+        """Nodes with the table, and nodes with the VIP on an up interface, from ``look``."""
+        tabled, holders = [], []
+        for node, out in sorted(outputs.items()):
+            tables, _, addresses = out.partition("==\n")
+            if f"table ip {self.table}" in tables.splitlines():
+                tabled.append(node)
+            if f" {self.vip}/" in addresses:
+                holders.append(node)
+        return tabled, holders
+
+
+# -- side effects: connection rate -----------------------------------------------------------
+
+
+class Ports:
+    """Client source ports for the rate runs, cycling through RATE_PORTS."""
+
+    def __init__(self) -> None:
+        self.next = RATE_PORTS[0]
+
+    def take(self, count: int) -> int:
+        if self.next + count > RATE_PORTS[1]:
+            self.next = RATE_PORTS[0]
+        first, self.next = self.next, self.next + count
+        return first
+
+
+def rate_once(lab: FarmLab, farm: Farm, ports: Ports) -> float:
+    """New connections per second (after a warm-up); every one must be answered."""
+    address = lab.client_address
+    first = ports.take(RATE_WARMUP + RATE_CONNECTIONS)
+    warm = [(address, first + i) for i in range(RATE_WARMUP)]
+    lab.client.connect(farm, warm, RATE_TIMEOUT_S, RATE_CONCURRENCY)
+    sources = [(address, first + RATE_WARMUP + i) for i in range(RATE_CONNECTIONS)]
+    seconds, answers = lab.client.timed(farm, sources, RATE_TIMEOUT_S, RATE_CONCURRENCY)
+    lost = sum(a is None for a in answers)
+    if lost:
+        raise DemoError(f"farm {farm.name}: {lost} of {len(sources)} connections unanswered")
+    return len(sources) / seconds
+
+
+def prepare_switch(lab: FarmLab, farm: Farm, keep: str) -> FilterSwitch:
+    tables = {n: nft.listing(farm.name, nft=lab.nft_command(n)) for n in farm.nodes}
+    missing = [n for n, text in tables.items() if not text]
+    if missing:
+        raise DemoError(f"farm {farm.name}: no filter table on {', '.join(missing)}")
+    rule = nft.FilterRule("tcp", (farm.port,), "ip_port")
+    whole = nft.FarmFilter(farm.name, (farm.vip,), (rule,), module_seed(farm.name),
+                           frozenset(range(BUCKETS)))  # fmt: skip
+    links = {n: lab.vip_device(n, farm) for n in farm.nodes if n != keep}
+    return FilterSwitch(lab.table(farm), farm.vip, keep, tables, links, nft.build(whole).text)
+
+
+def switch(lab: FarmLab, change: FilterSwitch, scripts: dict[str, tuple[str, str]],
+           tabled: list[str], holders: list[str]) -> None:  # fmt: skip
+    """Run ``scripts``, then check who has the table and who holds the VIP."""
+    lab.shell_all(scripts)
+    seen = change.seen(lab.shell_all({n: (change.look(), "") for n in change.tables}))
+    if seen != (tabled, holders):
+        raise DemoError(
+            f"filter switch: table on {seen[0] or 'no node'} and VIP up on {seen[1] or 'no node'}"
+            f"; expected table on {tabled or 'no node'}, VIP up on {holders}"
+        )
+
+
+def counted(lab: FarmLab, farm: Farm, ports: Ports) -> tuple[float, dict[str, int], int]:
+    """Rate through the filter, SYNs accepted per node, packets dropped by the filters."""
+    before = {n: lab.counters(n, farm) for n in farm.nodes}
+    rate = rate_once(lab, farm, ports)
+    after = {n: lab.counters(n, farm) for n in farm.nodes}
+    owned = {n: after[n]["owned"] - before[n]["owned"] for n in farm.nodes}
+    dropped = sum(after[n]["dropped"] - before[n]["dropped"] for n in farm.nodes)
+    total = RATE_CONNECTIONS + RATE_WARMUP
+    if sum(owned.values()) != total:
+        raise DemoError(
+            f"farm {farm.name}: the filters accepted {sum(owned.values())} SYNs for {total} "
+            "connections: expected each SYN accepted by exactly one node"
+        )
+    return rate, owned, dropped
+
+
+def rate_figures(lab: FarmLab, farm: Farm) -> list[Figure]:
+    keep = farm.nodes[0]
+    nodes = sorted(farm.nodes)
+    change = prepare_switch(lab, farm, keep)
+    ports = Ports()
+    ons: list[float] = []
+    offs: list[float] = []
+    alones: list[float] = []
+    owned: dict[str, int] = dict.fromkeys(farm.nodes, 0)
+    dropped = 0
+    for _ in range(RATE_CYCLES):
+        rate, accepted, lost = counted(lab, farm, ports)
+        ons.append(rate)
+        owned = {n: owned[n] + accepted[n] for n in owned}
+        dropped += lost
+        switch(lab, change, change.off(), [], [keep])
+        try:
+            offs.append(rate_once(lab, farm, ports))
+            switch(lab, change, change.only_keep_filters(), [keep], [keep])
+            alones.append(rate_once(lab, farm, ports))
+        finally:
+            switch(lab, change, change.on(), nodes, nodes)
+    wait_until(lambda: lab.serving(farm), 30.0, f"farm {farm.name} unchanged after the runs")
+
+    def runs(rates: list[float]) -> str:
+        return ", ".join(f"{r:.0f}" for r in rates)
+
+    shares = ", ".join(f"{n} {c}" for n, c in owned.items())
+    detail = (
+        f"runs (conn/s), interleaved: filter on {runs(ons)}; filter off {runs(offs)}; "
+        f"one node owning all buckets {runs(alones)}"
+        f"\n    filter on: SYNs accepted per node {shares} (sum {sum(owned.values())} = "
+        f"connections made, warm-ups included); {dropped} packets dropped by the other nodes' "
+        "filters"
+        f"\n    filter off: no {change.table} table on any node, VIP interface up on {keep} only"
+        "\n    every packet reaches all three nodes (one LAN, shared MAC) and the lab's nodes "
+        "share this machine's CPUs, so the other nodes' drops are paid here too"
+    )
+    paired = median([on / off for on, off in zip(ons, offs, strict=True)])
+    detail += f"\n    median of the {len(ons)} adjacent on/off ratios: {paired:.2f}"
+    base = median(offs)
+    on = AtLeastFigure(
+        RATE_NAME, median(ons), "conn/s", base, "filter off (one node holds the VIP)", RATE_LIMIT,
+        detail=detail,
+    )  # fmt: skip
+    alone = Figure(
+        ALONE_NAME, median(alones), "conn/s", base, "filter off", None,
+        detail="information only: the filter's own cost, without the other nodes' drops",
+    )  # fmt: skip
+    return [on, alone]
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+def run() -> list[Figure]:
+    figures: list[Figure] = []
+    with farm_lab(LAB) as lab:
+        vips = lab.status["vip_pool"]
+        farms: dict[str, Farm] = {}
+
+        def default_crash(lab: FarmLab) -> list[Figure]:
+            farms["farm"] = lab.deploy("farm", vips[0], 8080, *DEFAULT_PROFILE)
+            return [crash_figure(lab, farms["farm"])]
+
+        def rate(lab: FarmLab) -> list[Figure]:
+            return rate_figures(lab, farms["farm"])
+
+        def fast_crash(lab: FarmLab) -> list[Figure]:
+            for node in farms["farm"].nodes:
+                lab.on(node, "stop", "-m", "farm")
+            fast = lab.deploy("farmfast", vips[1], 8081, *FAST_PROFILE)
+            return [crash_figure(lab, fast)]
+
+        parts: list[tuple[str, Callable[[FarmLab], list[Figure]]]] = [
+            (CRASH_NAME.format(*DEFAULT_PROFILE), default_crash),
+            (RATE_NAME, rate),
+            (CRASH_NAME.format(*FAST_PROFILE), fast_crash),
+        ]
+        for index, (name, part) in enumerate(parts):
+            try:
+                figures += part(lab)
+            except (RampartError, OSError, ValueError, KeyError, TimeoutError) as exc:
+                # The later parts need the lab in a known state: report, and stop here.
+                figures.append(failed(name, f"could not run: {exc}"))
+                figures += [
+                    failed(later, "not run: an earlier farm step failed")
+                    for later, _ in parts[index + 1 :]
+                ]
+                break
+    return figures

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from node_service.errors import RetryableError, UserError
 from node_service.farm.nft import DEFAULT_TIMEOUT_S, NFT, Ruleset, apply
+from node_service.net.vip import SHARED_MAC_PREFIX
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -58,7 +59,7 @@ def shared_mac(module: str) -> str:
 
 def link_name(module: str) -> str:
     """The macvlan's name: ``rf-`` + 8 hex digits (interface names max 15)."""
-    return "rf-" + hashlib.blake2b(module.encode(), digest_size=4).hexdigest()
+    return SHARED_MAC_PREFIX + hashlib.blake2b(module.encode(), digest_size=4).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ from node_service.net import garp
 RAMPART_ADDR_PROTO = 82  # ASCII "R"; kernel values 0-3 are taken, the rest is free
 LABEL_SUFFIXES = (":rampart", ":rp")
 IFNAMSIZ = 16  # labels and interface names are at most 15 characters
+# A farm's shared-MAC interface (farm/macvlan.link_name) holds that farm's
+# VIP, not a LAN address of the node: another module's VIP never goes there.
+SHARED_MAC_PREFIX = "rf-"
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,14 @@ def choose_interface(vip: ipaddress.IPv4Interface, addresses: Sequence[Address])
     specific network wins, and a tie between interfaces is refused rather
     than guessed. Returns ``(interface, reason)``.
     """
-    candidates = [a for a in addresses if not a.is_rampart and vip.ip in a.network and a.prefix > 0]
+    candidates = [
+        a
+        for a in addresses
+        if not a.is_rampart
+        and not a.interface.startswith(SHARED_MAC_PREFIX)
+        and vip.ip in a.network
+        and a.prefix > 0
+    ]
     if not candidates:
         raise UserError(
             f"virtual IP {vip}: no interface on this node has an address in the same network; "

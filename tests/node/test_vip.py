@@ -90,6 +90,13 @@ def test_choose_interface_by_network():
         choose_interface(parse_vip("192.0.2.10", 24), addresses)
 
 
+def test_a_farm_shared_mac_interface_is_never_chosen_for_another_vip():
+    # The farm's macvlan holds the farm VIP in the LAN subnet; a mirror VIP in
+    # the same subnet belongs on the LAN interface, not there.
+    addresses = [addr("eth0", "198.51.100.11", 24), addr("rf-0a1b2c3d", "198.51.100.201", 24)]
+    assert choose_interface(parse_vip(VIP, 24), addresses)[0] == "eth0"
+
+
 def test_choose_interface_most_specific_then_ambiguous():
     wide = [addr("eth0", "198.51.0.1", 16), addr("eth1", "198.51.100.1", 24)]
     assert choose_interface(parse_vip(VIP, 24), wide)[0] == "eth1"

@@ -5,6 +5,11 @@ module and builds its runner, resumes the modules that were started before
 it last stopped, serves the management API, and on SIGTERM/SIGINT stops
 every module per its policy before exiting 0.
 
+Before resuming anything, the daemon removes the virtual IPs a crashed run
+left behind (Rampart marks its own), except those of modules it resumes as
+PRIM or ALONE: a restarted daemon adopts a serving primary, but a VIP no
+running module answers for must not stay up while the cluster decides.
+
 Task ownership: the daemon owns the resume tasks (``resume-NAME``) and the
 shutdown tasks (``close-NAME``); the API server owns request handlers;
 runners own their own tasks and cancel them in ``stop``/``close``. Nothing
@@ -38,6 +43,36 @@ from node_service.store import ModuleStore
 log = logging.getLogger("rampart.daemon")
 CLOSE_TIMEOUT_S = 170.0  # below the unit's TimeoutStopSec=180
 IDLE_STATES = ("STOP", "unsupported", "error")
+VIP_STATES = ("PRIM", "ALONE")  # a module resumed in these states still answers for its VIPs
+
+
+@dataclass(frozen=True)
+class ResumeSeen:
+    """One installed module as the daemon finds it at start, for the VIP cleanup."""
+
+    module: str
+    resumes: bool  # intent "started" and a usable runner
+    last_state: str
+    vips: tuple[str, ...]
+
+
+def vips_to_keep(modules: list[ResumeSeen]) -> tuple[frozenset[str], str]:
+    """The Rampart VIPs a starting daemon leaves in place, and why.
+
+    Only a module resumed as PRIM/ALONE keeps its VIPs: its runner adopts the
+    running application. Any other leftover (a module stopped, removed,
+    resumed as SECOND or not loadable) would answer for an address nobody
+    serves, or that the peer now serves.
+    """
+    keep: dict[str, str] = {}
+    for seen in modules:
+        if seen.resumes and seen.last_state in VIP_STATES:
+            for address in seen.vips:
+                keep.setdefault(address, f"{seen.module} resumes as {seen.last_state}")
+    if not keep:
+        return frozenset(), "no module resumes holding a virtual IP"
+    held = "; ".join(f"{address} ({why})" for address, why in sorted(keep.items()))
+    return frozenset(keep), f"keeping {held}"
 
 
 def sd_notify(message: str, environ: dict[str, str] | None = None) -> bool:
@@ -110,6 +145,7 @@ class Daemon:
         endpoints = HttpEndpoints(self)  # metrics/health over TCP, when node.yaml asks
         try:
             self.load_modules()
+            await self.remove_leftover_vips()
             await server.start()
             await endpoints.start()
             await self.refresh_heartbeats()
@@ -160,13 +196,13 @@ class Daemon:
             await self.heartbeats.close()
             self.heartbeats = None
 
-    async def _close_slot(self, slot: Slot) -> None:
+    async def _close_slot(self, slot: Slot, when: str = "at shutdown") -> None:
         assert slot.runner is not None
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await slot.runner.close()
         except Exception as exc:
-            self.journal.error(f"stopping at shutdown failed: {_describe(exc)}", slot.name)
+            self.journal.error(f"stopping {when} failed: {_describe(exc)}", slot.name)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
@@ -214,10 +250,38 @@ class Daemon:
 
         return listener
 
+    def _resumes(self, slot: Slot, record: dict[str, Any]) -> bool:
+        return record.get("intent") == "started" and slot.runner is not None and not slot.error
+
+    async def remove_leftover_vips(self) -> None:
+        """Remove the VIPs a crashed run left, except those of resumed PRIM/ALONE modules."""
+        seen = []
+        for slot in self.slots.values():
+            record = self.store.read_record(slot.name)
+            vips = slot.runner.module.vips if slot.runner is not None else ()
+            seen.append(
+                ResumeSeen(
+                    slot.name,
+                    self._resumes(slot, record),
+                    str(record.get("state", "STOP")),
+                    tuple(v.address for v in vips),
+                )
+            )
+        keep, why = vips_to_keep(seen)
+        try:
+            from node_service.net import vip
+
+            removed = await asyncio.to_thread(vip.remove_leftovers, keep)
+        except Exception as exc:  # netlink refused, pyroute2 missing: say so, go on
+            self.journal.error(f"cannot check for virtual IPs left by a crash: {_describe(exc)}")
+            return
+        for line in removed:
+            self.journal.record("info", f"at start, leftover {line} ({why})")
+
     def resume_modules(self) -> None:
         for slot in self.slots.values():
             record = self.store.read_record(slot.name)
-            if record.get("intent") == "started" and slot.runner is not None and not slot.error:
+            if self._resumes(slot, record):
                 slot.runner.restore_state(
                     str(record.get("state", "STOP")), float(record.get("since", time.time()))
                 )
@@ -347,8 +411,8 @@ class Daemon:
         slot = self.slot(name)
         self.journal.record("command", f"{verb} requested by {user}", name, command=verb)
         async with slot.lock:
-            if verb in ("start", "stopstart") and slot.reload_pending and not slot.running:
-                slot = self.slots[name] = self._build_slot(name)
+            if verb == "start" and slot.reload_pending and not slot.running:
+                slot = self._reload(slot)
             runner = slot.runner
             if runner is None:
                 raise CommandRefused(f"module {name} cannot be used: {slot.error}")
@@ -360,7 +424,16 @@ class Daemon:
                     reason = await runner.start()
                     self.store.write_record(name, intent="started")
                 elif verb == "stopstart":
+                    # Stop first: a reinstall while running is only picked up
+                    # once the old runner has stopped.
                     await runner.stop(f"stopstart command from {user}")
+                    if slot.reload_pending:
+                        slot = self._reload(slot)
+                        if slot.runner is None:
+                            raise CommandRefused(
+                                f"module {name} stopped; its new files cannot be used: {slot.error}"
+                            )
+                        runner = slot.runner
                     reason = await runner.start()
                     self.store.write_record(name, intent="started")
                 else:
@@ -372,6 +445,19 @@ class Daemon:
                 raise RampartError(f"module {name}: {verb} failed: {_describe(exc)}") from exc
         self.journal.record("command", f"{verb} done: {reason}", name, command=verb)
         return {"module": name, "command": verb, "reason": reason, "state": self.state(name)}
+
+    def _reload(self, slot: Slot) -> Slot:
+        """A stopped module's slot rebuilt from its newly installed files.
+
+        The new slot takes over the old one's lock (the caller holds it, and
+        a command arriving meanwhile must wait for it) and transition count.
+        """
+        fresh = self._build_slot(slot.name)
+        fresh.lock, fresh.transitions = slot.lock, slot.transitions
+        self.slots[slot.name] = fresh
+        version = getattr(fresh.runner.module, "version", "?") if fresh.runner else "?"
+        self.journal.record("info", f"new files loaded (version {version})", slot.name)
+        return fresh
 
     async def install(self, safe_path: Path, user: str) -> dict[str, Any]:
         from node_service.module import safe
@@ -400,6 +486,10 @@ class Daemon:
                     f"module {name} is {slot.state_name()} on node {self.config.node}: "
                     f"stop it first (rampart stop -m {name})"
                 )
+            if slot.runner is not None:
+                # A stopped runner may still hold resources: a mirror keeps
+                # telling its peer STOP until close() drops its heartbeats.
+                await self._close_slot(slot, "before removal")
             reason = await asyncio.to_thread(self.store.remove, name)
             del self.slots[name]
         self.journal.record("info", f"{reason} by {user}", name)

@@ -10,6 +10,14 @@ view. Runners ``await service.wait_changed(module)`` instead of polling.
 Incarnation: ``next_incarnation(path)`` persists a counter and returns
 ``max(previous + 1, time.time_ns())``: it rises at every daemon start even if
 the clock steps back (the file) or the state directory is lost (the clock).
+Sequence numbers belong to the service, not to one registration: a module
+removed and added again under the same incarnation goes on from its last seq,
+because its peers would drop a restarted count as replays.
+
+Waits use ``asyncio.timeout`` rather than ``asyncio.wait_for``: on Python 3.11
+``wait_for`` returns the result when a cancellation arrives in the same loop
+iteration as the wake-up, and a loop around it would then never end. The
+send loop also stops on its registration's ``stopping`` flag.
 """
 
 from __future__ import annotations
@@ -75,9 +83,10 @@ class _ModuleRun:
     view: membership.View
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    seqs: dict[str, int] = field(default_factory=dict)
+    seqs: dict[str, int] = field(default_factory=dict)  # shared with the service's memory
     last_payload: Mapping[str, Any] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    stopping: bool = False
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -135,6 +144,9 @@ class HeartbeatService:
         self._said: dict[str, float] = {}
         self._endpoints: dict[str, _Endpoint] = {}
         self._modules: dict[str, _ModuleRun] = {}
+        # Last seq sent per module and peer address, kept across remove/add
+        # for as long as this incarnation lives.
+        self._seqs: dict[str, dict[str, int]] = {}
         self._started = False
 
     async def start(self) -> None:
@@ -155,6 +167,8 @@ class HeartbeatService:
 
     async def close(self) -> None:
         self._started = False
+        for run in self._modules.values():
+            run.stopping = True
         tasks = [run.task for run in self._modules.values() if run.task]
         for task in tasks:
             task.cancel()
@@ -180,6 +194,7 @@ class HeartbeatService:
         spec = membership.ModuleSpec.build(module_name, self.node, peers, interval, timeout)
         view = membership.new_view(spec, self.clock())
         run = _ModuleRun(spec, self.key_for(module_name), payload_fn, view)
+        run.seqs = self._seqs.setdefault(module_name, {})
         self._modules[module_name] = run
         if self._started:
             self._spawn(run)
@@ -187,9 +202,11 @@ class HeartbeatService:
     async def remove_module(self, module_name: str) -> None:
         run = self._modules.pop(module_name, None)
         if run is not None and run.task is not None:
+            run.stopping = True
             run.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await run.task
+            # wait(), not ``await task`` under suppress(CancelledError): the
+            # caller's own cancellation must still reach the caller.
+            await asyncio.wait({run.task})
 
     def send_now(self, module_name: str) -> None:
         """Send the next round at once (e.g. right after a state change)."""
@@ -199,7 +216,8 @@ class HeartbeatService:
         """Wait until a peer's reachability or payload changes; False on timeout."""
         run = self._run(module_name)
         try:
-            await asyncio.wait_for(run.changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await run.changed.wait()
         except TimeoutError:
             return False
         run.changed.clear()
@@ -237,6 +255,7 @@ class HeartbeatService:
         return run
 
     def _spawn(self, run: _ModuleRun) -> None:
+        run.stopping = False
         run.task = asyncio.create_task(
             self._send_loop(run), name=f"heartbeat-send:{run.spec.module}"
         )
@@ -244,7 +263,7 @@ class HeartbeatService:
     async def _send_loop(self, run: _ModuleRun) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while True:
+        while not run.stopping:
             now = self.clock()
             try:
                 self._send_round(run, now)
@@ -257,7 +276,8 @@ class HeartbeatService:
             next_at = max(next_at + run.spec.interval, loop.time())
             run.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.wake.wait(), next_at - loop.time())
+                async with asyncio.timeout_at(next_at):
+                    await run.wake.wait()
 
     def _send_round(self, run: _ModuleRun, now: float) -> None:
         try:

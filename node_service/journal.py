@@ -105,8 +105,10 @@ class Subscription:
                 severity="warning",
                 lost=count,
             )
+        # asyncio.timeout, not wait_for (see checkers/runner.py run_once).
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._queue.get()
         except TimeoutError:
             return None
 

@@ -96,8 +96,12 @@ class CheckerRunner:
 
     async def run_once(self, check: Check) -> CheckResult:
         """One bounded check; never raises except on cancellation."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+        # cancellation that arrives with the result, and the checker loop
+        # around this call would then outlive CheckerRunner.stop().
         try:
-            return await asyncio.wait_for(check.check(), check.timeout_s + DEADLINE_MARGIN_S)
+            async with asyncio.timeout(check.timeout_s + DEADLINE_MARGIN_S):
+                return await check.check()
         except TimeoutError:
             return CheckResult(False, f"{check.label} no answer within {check.timeout_s:g} s")
         except Exception as exc:  # a checker bug must not stop the other checks

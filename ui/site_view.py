@@ -92,6 +92,16 @@ class SiteView(QWidget):
         self.connect_button.setToolTip("Connect to the selected node: host key, password")
         self.connect_button.clicked.connect(self._connect_selected)
         top.addWidget(self.connect_button)
+        self.add_button = QPushButton("Add node…")
+        self.add_button.setToolTip("Install Rampart on a new server over SSH, join it to the site")
+        self.add_button.clicked.connect(lambda: self.open_bootstrap(None))
+        self.bootstrap_button = QPushButton("Bootstrap…")
+        self.bootstrap_button.setToolTip(
+            "Reinstall Rampart and the site files on the selected node"
+        )
+        self.bootstrap_button.clicked.connect(self._bootstrap_selected)
+        top.addWidget(self.add_button)
+        top.addWidget(self.bootstrap_button)
         top.addWidget(self.refresh_button)
         self.note = QLabel("")
         self.note.setWordWrap(True)
@@ -151,6 +161,26 @@ class SiteView(QWidget):
     def refresh_all(self) -> None:
         for name in self._rows:
             self.model.refresh(name)
+
+    # -- bootstrap ("Add node"): the dialog does the work, in the model's workers
+    def open_bootstrap(self, node: str | None) -> QWidget:
+        from ui.bootstrap_view import BootstrapDialog
+
+        def added(site: object) -> None:
+            self.note.setText("node added to the site file; reopen the site to monitor it")
+
+        dialog = BootstrapDialog(self.model.site, self.model.workers, self.model.creds, node,
+                                 self, ask=self.ask, on_site_changed=added)  # fmt: skip
+        dialog.show()
+        return dialog
+
+    def _bootstrap_selected(self) -> None:
+        row = self.table.currentRow()
+        names = list(self._rows)
+        if 0 <= row < len(names):
+            self.open_bootstrap(names[row])
+        else:
+            self.note.setText("select a node first")
 
     # -- access: host keys and passwords
     def _connect_selected(self) -> None:

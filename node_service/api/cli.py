@@ -1,4 +1,4 @@
-"""Node verbs of `rampart`: commands, state, wait, events, watch; module install/list/remove.
+"""Node verbs of `rampart`: commands, state, wait, events, watch, repl; module install/list/remove.
 
 Every verb talks to rampartd through the management socket (``--socket`` or
 ``$RAMPART_SOCKET``, default /run/rampart/api.sock). Human output by default,
@@ -59,6 +59,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("watch", parents=[common], help="live states and metric samples")
     p.add_argument("-m", "--module", metavar="MODULE")
     p.set_defaults(func=cmd_watch)
+
+    repl = sub.add_parser("repl", help="replication of a mirror module: status, verify, sync")
+    repl_sub = repl.add_subparsers(dest="repl_command", metavar="status|verify|sync", required=True)
+    for verb, text in (
+        ("status", "mode, state, throughput, lag, resync progress and ETA"),
+        ("verify", "compare both sides by hashes; list every differing file (exit 1 if any)"),
+        ("sync", "force a full sync (block hashes) from the primary"),
+    ):
+        p = repl_sub.add_parser(verb, parents=[common], help=text)
+        p.add_argument("-m", "--module", required=True, metavar="MODULE")
+        p.set_defaults(func=cmd_repl, repl_command=verb)
 
 
 def register_module_verbs(module_sub: argparse._SubParsersAction) -> None:
@@ -188,6 +199,29 @@ def cmd_watch(args: argparse.Namespace) -> int:
             from node_service.journal import format_entry
 
             print(format_entry(line["entry"]), flush=True)
+    return 0
+
+
+def cmd_repl(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from node_service.replication.report import format_status, format_verify
+
+    name = quote(args.module, safe="")
+    if args.repl_command == "status":
+        result = _client(args).request("GET", f"/v1/modules/{name}/repl/status")
+    else:
+        result = _client(args).request("POST", f"/v1/modules/{name}/repl/{args.repl_command}")
+    if args.json:
+        _print_json(result)
+    elif args.repl_command == "status":
+        format_status(result, sys.stdout)
+    elif args.repl_command == "verify":
+        print(format_verify(result))
+    else:
+        print(result.get("reason", ""))
+    if args.repl_command == "verify" and result.get("differences"):
+        return 1
     return 0
 
 

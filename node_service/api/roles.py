@@ -24,7 +24,7 @@ from dataclasses import dataclass
 ADMIN, OPERATOR, MONITOR = "rampart-admin", "rampart-operator", "rampart-monitor"
 RANK = {MONITOR: 1, OPERATOR: 2, ADMIN: 3}
 ROLE_WORD = {MONITOR: "monitor", OPERATOR: "operator", ADMIN: "admin"}
-ACTION_WORD = {"read": "reading state and events"}
+ACTION_WORD = {"read": "reading state and events", "repl-sync": "repl sync"}
 
 # action -> the least role that may perform it
 NEEDS: dict[str, str] = {
@@ -36,6 +36,8 @@ NEEDS: dict[str, str] = {
     "prim": OPERATOR,
     "second": OPERATOR,
     "swap": OPERATOR,
+    # A forced full sync only re-sends data from the primary: operator work.
+    "repl-sync": OPERATOR,
     "primforce": ADMIN,
     "install": ADMIN,
     "remove": ADMIN,

@@ -14,6 +14,9 @@ Endpoints (all JSON; streams are JSON lines, ``application/x-ndjson``):
     POST   /v1/modules                         install  (body: the .safe file)
     DELETE /v1/modules/{name}                  remove
     POST   /v1/modules/{name}/{command}        per command role
+    GET    /v1/modules/{name}/repl/status      read
+    POST   /v1/modules/{name}/repl/verify      read
+    POST   /v1/modules/{name}/repl/sync        repl-sync (operator)
     GET    /v1/events[?module=M&limit=N&follow=1]   read
     GET    /v1/watch[?module=M]                read (stream, see watch.py)
     GET    /metrics                            read (Prometheus text)
@@ -117,6 +120,8 @@ class ApiServer:
                 web.post("/v1/modules", self.install),
                 web.delete("/v1/modules/{name}", self.remove),
                 web.post("/v1/modules/{name}/{command}", self.command),
+                web.get("/v1/modules/{name}/repl/status", self.repl),
+                web.post("/v1/modules/{name}/repl/{cmd}", self.repl),
                 web.get("/v1/events", self.events),
                 web.get("/v1/watch", self.watch),
                 web.get("/metrics", self.metrics),
@@ -201,6 +206,18 @@ class ApiServer:
         identity = require(request, verb)
         result = await self.daemon.command(request.match_info["name"], verb, identity.user)
         return web.json_response(result)
+
+    async def repl(self, request: web.Request) -> web.Response:
+        cmd = request.match_info.get("cmd", "status")
+        if cmd not in ("status", "verify", "sync"):
+            raise CommandRefused(f"unknown repl command {cmd!r}; expected status, verify or sync")
+        require(request, "repl-sync" if cmd == "sync" else "read")
+        name = request.match_info["name"]
+        slot = self.daemon.slot(name)
+        replication_command = getattr(slot.runner, "replication_command", None)
+        if replication_command is None:
+            raise CommandRefused(f"module {name} is a {slot.kind} module: it has no replication")
+        return web.json_response(await replication_command(cmd))
 
     async def install(self, request: web.Request) -> web.Response:
         identity = require(request, "install")

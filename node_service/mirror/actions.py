@@ -5,8 +5,8 @@ the loop and the decision while this file reads as what each Action does:
 scripts with their timeouts and output in the journal, VIPs taken (then
 announced by gratuitous ARP in an owned background task, so the
 application starts without waiting for the last ARP round) and released,
-generations persisted, and replication's actions journaled as no-ops until
-the replication process exists.
+generations persisted, and replication's actions handed to the module's
+replication process (replication/control.py).
 
 A failing step is journaled and never stops the sequence: a start_prim that
 fails or a VIP that cannot be taken marks the application failed, so the
@@ -59,16 +59,25 @@ class ActionsMixin:
         elif action.persists_generations:
             self._save(d)
             self.journal.record("info", f"{action}: {d.generations} recorded", name)
-        elif action is Action.PRESERVE_SPLIT_BRAIN:
-            self.journal.warning(
-                f"split brain on {self.node.node}: diverging files would be preserved in a "
-                "dated folder (replication not implemented yet: no replicated files here)",
-                name,
+        else:  # replication_source / _target / _off, preserve_split_brain
+            await self._replicate(action, d)
+
+    async def _replicate(self, action: Action, d: Decision) -> None:
+        name = self.module.name
+        try:
+            severity, text = await self.effects.replication.perform(
+                action.value, d.generations.current.number
             )
-        else:  # replication_source / _target / _off
-            text = self.effects.replication.describe(
-                action.value, name, self.module.replicated_dirs
-            )
+        except RampartError as exc:
+            self.journal.error(f"{action.value}: {exc}", name)
+            if action is Action.REPLICATION_SOURCE:
+                # Serving without the replicating mount would write untracked
+                # data: let decide() hand over (or warn, when ALONE).
+                self._app_failed = True
+            return
+        if severity == "warning":
+            self.journal.warning(text, name)
+        else:
             self.journal.record("info", text, name)
 
     async def _script(self, script: str, state: State, cause: str) -> bool:

@@ -5,44 +5,60 @@ so unit tests pass a recording fake and the lab tests the real one. Every
 call is bounded: scripts by their timeout (``run_script``), netlink calls by
 the kernel, announcements by their fixed schedule.
 
-Replication is a later issue: its actions are accepted and journaled but move
-no data, and this node counts as up to date as soon as it follows a primary
-(``uptodate``). That is what lets failover work today on modules without
-replicated data; the replication process will replace ``NullReplication``.
+Replication: a module with replicated directories gets a
+``replication.control.ProcessReplication`` (its replication process);
+``NullReplication`` stands for modules without replicated directories (and
+in unit tests): its actions move no data and a SECOND counts as up to date
+as soon as it follows a primary.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from typing import Any
 
+from node_service.errors import CommandRefused
 from node_service.module.model import VirtualIP
 from node_service.scripts import ScriptResult
 
 
 class NullReplication:
-    """Stands in for the replication process until it exists (no data moves)."""
+    """Replication of a module without replicated directories: nothing moves."""
 
     def uptodate(self) -> bool:
         return True
 
     def describe(self, action: str, module: str, dirs: tuple[str, ...]) -> str:
         what = {
-            "replication_source": "would send writes to the SECOND",
-            "replication_target": "would receive the primary's writes",
-            "replication_off": "would stop",
+            "replication_source": "has nothing to send",
+            "replication_target": "has nothing to receive",
+            "replication_off": "has nothing to stop",
+            "preserve_split_brain": "has no diverging files to preserve",
         }.get(action, action)
-        where = ", ".join(dirs) if dirs else "no replicated directories"
-        return (
-            f"replication of module {module} ({where}) {what}: not implemented yet, no data moved"
-        )
+        return f"module {module} has no replicated directories: replication {what}"
+
+    async def perform(self, action: str, generation: int = 0) -> tuple[str, str]:
+        return "info", self.describe(action, "", ())
+
+    def fields(self) -> dict[str, Any] | None:
+        return None  # the runner's base fields (status "off") stand
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    async def command(self, cmd: str) -> dict[str, Any]:
+        raise CommandRefused(f"repl {cmd}: this module has no replicated directories")
+
+    async def close(self) -> None:
+        return None
 
 
 class MirrorEffects:
     """The real side effects; every method may raise a RampartError with a reason."""
 
-    def __init__(self) -> None:
-        self.replication = NullReplication()
+    def __init__(self, replication: Any = None) -> None:
+        self.replication = replication or NullReplication()
 
     async def script(
         self,

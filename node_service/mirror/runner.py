@@ -51,6 +51,7 @@ STATE_CODES = {"STOP": 0, "WAIT": 1, "SECOND": 2, "PRIM": 3, "ALONE": 4}
 # STOP (and may take over at once) even if one datagram is lost.
 LINGER_INTERVALS = 3
 HANDOVER_CAP_S = 120.0
+AFTER_RESTART = "replication after the rampartd restart"
 
 # service -> {module: runner}: whose heartbeat payload a registration sends.
 _PUBLISHERS: weakref.WeakKeyDictionary[Any, dict[str, MirrorRunner]] = weakref.WeakKeyDictionary()
@@ -61,7 +62,7 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
 
     def __init__(self, *args: Any, effects: MirrorEffects | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.effects = effects or MirrorEffects()
+        self.effects = effects or MirrorEffects(self._replication())
         self.peer_name = self._peer_name()
         self.checks = MirrorChecks(self)
         self._saved = persist.Persisted()
@@ -81,6 +82,32 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._news = asyncio.Event()
+
+    def _replication(self) -> Any:
+        """The module's replication process, or nothing to replicate."""
+        if not self.module.replicated_dirs:
+            return None
+        from node_service.replication.control import ProcessReplication
+
+        return ProcessReplication(
+            module=self.module,
+            module_dir=self.module_dir,
+            node=self.node,
+            journal=self.journal,
+            on_change=self.wake_up,
+            on_failure=self.replication_failed,
+        )
+
+    def replication_failed(self, reason: str) -> None:
+        """The replication process died or its dirty log failed: do not serve on it."""
+        if State(self.current_state).serving:
+            self.app_failed(reason)
+        else:
+            self.wake_up()
+
+    async def replication_command(self, cmd: str) -> dict[str, Any]:
+        """``rampart repl status|verify|sync`` (the API calls this)."""
+        return await self.effects.replication.command(cmd)
 
     def _peer_name(self) -> str:
         me = self.node.node
@@ -137,6 +164,7 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
             ran.value, self._since if ran.value == self.current_state else time.time()
         )
         await self._begin()
+        await self._resume_replication(ran)
         if ran.serving:
             self.checks.start_app_checkers()
             self._reason = f"resumed as {ran.value} (application left running)"
@@ -144,6 +172,27 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
             self._reason = f"resumed as {ran.value}"
         self.wake_up()
         return self._reason
+
+    async def _resume_replication(self, ran: State) -> None:
+        """Adopt the replication process the last rampartd left running (or start one)."""
+        action = (
+            "replication_source"
+            if ran.serving
+            else "replication_target"
+            if ran is State.SECOND
+            else None
+        )
+        if action is None:
+            return
+        try:
+            _, text = await self.effects.replication.perform(
+                action, self._saved.generations.current.number
+            )
+            self.journal.record("info", f"{AFTER_RESTART}: {text}", self.module.name)
+        except RampartError as exc:
+            self.journal.error(f"{AFTER_RESTART}: {exc}", self.module.name)
+            if ran.serving:
+                self._app_failed = True
 
     async def stop(self, reason: str) -> str:
         if self.current_state == "STOP":
@@ -426,6 +475,7 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._cancel_garp()
         await self.checks.stop_all()
+        await self.effects.replication.close()
 
     async def _unregister_heartbeats(self) -> None:
         service = self.heartbeats
@@ -510,6 +560,9 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
             witness=self.checks.witness_state(),
             vips=[f"{v.address}/{v.prefix}" for v in self.module.vips],
         )
+        replication = self.effects.replication.fields()
+        if replication is not None:
+            data["replication"] = replication
         return data
 
     def metrics(self) -> dict[str, Any]:
@@ -526,6 +579,7 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
             "peer_reachable": reachable,
             "generation": self._saved.generations.current.number,
             "heartbeat_rtt_seconds": rtt,
+            **self.effects.replication.metrics(),
         }
 
     def intent(self) -> Intent:

@@ -19,7 +19,10 @@ Ordering, without serialising the whole filesystem (docs/dev/replication.md):
 
 If the Replicator raises, the local operation still succeeds (the transport
 has gone ALONE and tracks dirty regions); only local errors reach the
-application, as the errno of the failed syscall.
+application, as the errno of the failed syscall. The exception is a
+``FatalError`` (the dirty log cannot be written): then nothing would remember
+what the secondary lacks, so that call and every later mutating call fail
+with EIO and ``on_fatal`` is told once, so the module stops or fails over.
 
 Open files get a *handle* id (never reused) as FUSE ``fh``; the real
 descriptor stays here. The file info of mfusepy's raw_fi mode is used so
@@ -40,6 +43,7 @@ from typing import Any
 
 import mfusepy
 
+from node_service.errors import FatalError
 from node_service.replication import syscalls
 from node_service.replication.ops import (
     Chmod,
@@ -126,13 +130,17 @@ class ReplicatedOperations(mfusepy.Operations):
         replicator: Replicator,
         *,
         caller: Callable[[], tuple[int, int]] = fuse_caller,
+        on_fatal: Callable[[str], None] | None = None,
     ):
         self.root_fd = root_fd
         self.replicator = replicator
         self.caller = caller
+        self.on_fatal = on_fatal
         self.mounted = threading.Event()
         self.replication_failures = 0
         self.last_failure: str | None = None
+        # Set once a FatalError came back: mutating calls fail with EIO from then on.
+        self.fatal: str | None = None
         self._ns_lock = threading.Lock()
         self._stripes = tuple(threading.Lock() for _ in range(STRIPES))
         self._files: dict[int, _File] = {}
@@ -156,17 +164,45 @@ class ReplicatedOperations(mfusepy.Operations):
         """Hand ``op`` over; call with the ordering lock held. None if refused."""
         try:
             return self.replicator.submit(op)
+        except FatalError as exc:  # reported by the _wait that follows
+            self._fatal(op, exc)
+            return None
         except Exception as exc:  # the peer's trouble never fails the local call
             self._failed(op, exc)
             return None
 
     def _wait(self, ticket: object | None, op: Op) -> None:
-        if ticket is None:
-            return
+        """Wait outside the locks; EIO once the dirty log has failed."""
+        if ticket is not None:
+            try:
+                self.replicator.wait(ticket)
+            except FatalError as exc:
+                self._fatal(op, exc)
+            except Exception as exc:
+                self._failed(op, exc)
+        if self.fatal is not None:
+            raise mfusepy.FuseOSError(errno.EIO)
+
+    def _wait_open(self, handle: int, ticket: object | None, op: Op) -> None:
+        """``_wait`` for open/create: a failed open must not leave its descriptor behind."""
         try:
-            self.replicator.wait(ticket)
-        except Exception as exc:
-            self._failed(op, exc)
+            self._wait(ticket, op)
+        except OSError:
+            entry = self._files.pop(handle, None)
+            if entry is not None:
+                os.close(entry.fd)
+            raise
+
+    def _fatal(self, op: Op, exc: Exception) -> None:
+        # Swallowing this would let the application believe in writes that no
+        # dirty log remembers: a silent gap after the next failover.
+        self.replication_failures += 1
+        self.last_failure = f"{describe(op)} not replicated: {exc}"
+        if self.fatal is None:  # the first cause is the one worth reporting
+            self.fatal = self.last_failure
+            log.error("replication failed for good, writes now fail with EIO: %s", self.fatal)
+            if self.on_fatal is not None:
+                self.on_fatal(self.fatal)
 
     def _failed(self, op: Op, exc: Exception) -> None:
         self.replication_failures += 1
@@ -274,7 +310,7 @@ class ReplicatedOperations(mfusepy.Operations):
             fd = os.open(rel, real, dir_fd=self.root_fd)
             handle = self._register(fd, True, fi)
             ticket, op = self._open_record(handle, rel, flags, fd, created=False)
-        self._wait(ticket, op)
+        self._wait_open(handle, ticket, op)
         return 0
 
     def create(self, path: str, mode: int, fi: Any) -> int:
@@ -301,7 +337,7 @@ class ReplicatedOperations(mfusepy.Operations):
                 raise
             handle = self._register(fd, True, fi)
             ticket, op = self._open_record(handle, rel, flags, fd, created)
-        self._wait(ticket, op)
+        self._wait_open(handle, ticket, op)
         return 0
 
     def _open_record(

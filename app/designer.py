@@ -8,15 +8,14 @@ form keeps the last model that parsed. Field problems come from the node's
 ``validate.check`` (see designer_fields), so what the designer accepts is
 exactly what a node accepts.
 
-Build & sign saves the module directory and calls ``safe.build``; a signing
-key encrypted with a passphrase is opened with the passphrase from the OS
-keyring and handed to the builder through a private temporary file.
+Build & sign saves the module directory and calls ``safe.build_module``; a
+signing key encrypted with a passphrase is opened in memory with the
+passphrase from the OS keyring (never decrypted to a file).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -25,7 +24,7 @@ from app import designer_fields as df
 from app.credentials import Credentials, key_account
 from app.signals import Signal
 from node_service.errors import KeyFileError, Problem, UserError, ValidationError
-from node_service.module import safe, templates, userconfig
+from node_service.module import keys, safe, templates, userconfig
 from node_service.module.model import SCRIPT_NAMES, Module
 
 MAX_SCRIPT_BYTES = 256 * 1024
@@ -44,8 +43,14 @@ class PassphraseNeeded(DesignerError):
 
 
 class DesignerModel:
-    def __init__(self, module: Module, scripts: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, module: Module, scripts: dict[str, str] | None = None,
+        files: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self._lock = threading.RLock()
+        # The module's other text files (a template's app.env, README.md): the
+        # scripts source them, so a module built without them cannot start.
+        self._files = dict(files or {})
         self._module = module
         self._xml = userconfig.emit(module).decode("utf-8")
         self._xml_problems: tuple[Problem, ...] = ()
@@ -58,12 +63,27 @@ class DesignerModel:
     @classmethod
     def from_template(cls, name: str) -> DesignerModel:
         path = templates.template_path(name)
-        return cls(templates.load(name), _read_scripts(path / "bin"))
+        return cls(templates.load(name), _read_scripts(path / "bin"), _read_files(path))
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike[str]) -> DesignerModel:
         module = userconfig.load_dir(path)
-        return cls(module, _read_scripts(Path(path) / "bin"))
+        return cls(module, _read_scripts(Path(path) / "bin"), _read_files(Path(path)))
+
+    @classmethod
+    def from_safe(
+        cls, path: str | os.PathLike[str], trust_pub: str | os.PathLike[str] | None = None
+    ) -> DesignerModel:
+        """A model from a signed module (worker): verified against ``trust_pub`` and with
+        its scripts and files; without a trusted key, its userconfig.xml only (checked by
+        the node's parser, not verified)."""
+        if trust_pub:
+            with tempfile.TemporaryDirectory(prefix="rampart-open-") as tmp:
+                dest = Path(tmp) / "module"
+                safe.extract(path, dest, [keys.load_public(trust_pub)])
+                return cls.from_dir(dest)
+        data = safe.read_userconfig(path)
+        return cls(userconfig.parse(data, f"{Path(path).name}:userconfig.xml"))
 
     # -- reading
     @property
@@ -171,12 +191,17 @@ class DesignerModel:
             if self._xml_problems:
                 first = self._xml_problems[0]
                 raise DesignerError(f"userconfig.xml has problems ({first}); fix them first")
-            xml, scripts = self._xml, dict(self._scripts)
+            xml, scripts, files = self._xml, dict(self._scripts), dict(self._files)
+            values = templates.tokens(self._module)
         root = Path(module_dir)
         (root / "bin").mkdir(parents=True, exist_ok=True)
         _write_atomic(root / userconfig.FILENAME, xml.encode("utf-8"), 0o644)
         for name, text in scripts.items():
             _write_atomic(root / "bin" / name, text.encode("utf-8"), 0o755)
+        for name, text in files.items():
+            # A template's @VIP@/@DIR@... take the values the form has now,
+            # as `rampart module new` does; a file without tokens is unchanged.
+            _write_atomic(root / name, templates.substitute(text, values).encode("utf-8"), 0o644)
         return root
 
     def build(
@@ -190,8 +215,10 @@ class DesignerModel:
                     f"module {self._module.name} is not valid: {self.first_problem()}"
                 )
         self.save(module_dir)
-        with _usable_key(Path(key_path), creds or Credentials()) as key:
-            return safe.build_module(module_dir, key, out_path)
+        # The key is opened in memory with the keyring's passphrase: no
+        # decrypted copy is ever written anywhere.
+        passphrase = _passphrase(Path(key_path), creds or Credentials())
+        return safe.build_module(module_dir, key_path, out_path, passphrase=passphrase)
 
     def first_problem(self) -> str:
         if self._xml_problems:
@@ -215,6 +242,23 @@ def _read_scripts(bin_dir: Path) -> dict[str, str]:
     return scripts
 
 
+def _read_files(root: Path) -> dict[str, str]:
+    """Top-level text files beside userconfig.xml (app.env, README.md...)."""
+    files: dict[str, str] = {}
+    if not root.is_dir():
+        return files
+    for path in sorted(root.iterdir()):
+        if path.name == userconfig.FILENAME or path.name.startswith("."):
+            continue
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_SCRIPT_BYTES:
+            continue
+        try:
+            files[path.name] = path.read_text("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+    return files
+
+
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -229,49 +273,18 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-class _usable_key:
-    """The key path safe.build can read: the file itself, or a decrypted private copy."""
-
-    def __init__(self, path: Path, creds: Credentials) -> None:
-        self.path, self.creds = path, creds
-        self._tmpdir: str | None = None
-
-    def __enter__(self) -> Path:
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise KeyFileError(f"cannot read signing key {self.path}: {exc.strerror}") from None
-        if b"ENCRYPTED PRIVATE KEY" not in data:
-            return self.path
-        from cryptography.hazmat.primitives import serialization
-
-        passphrase = self.creds.key_passphrase(self.path)
-        if passphrase is None:
-            raise PassphraseNeeded(
-                f"signing key {self.path} is encrypted and its passphrase is not in the "
-                "keyring; enter it",
-                key_account(self.path),
-            )
-        try:
-            key = serialization.load_pem_private_key(data, password=passphrase.encode("utf-8"))
-        except (ValueError, TypeError):
-            raise KeyFileError(
-                f"the passphrase in the keyring does not open signing key {self.path}"
-            ) from None
-        plain = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+def _passphrase(path: Path, creds: Credentials) -> bytes | None:
+    """The keyring's passphrase for an encrypted signing key; None for a plain key."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read signing key {path}: {exc.strerror}") from None
+    if b"ENCRYPTED PRIVATE KEY" not in data:
+        return None
+    passphrase = creds.key_passphrase(path)
+    if passphrase is None:
+        raise PassphraseNeeded(
+            f"signing key {path} is encrypted and its passphrase is not in the keyring; enter it",
+            key_account(path),
         )
-        # A 0700 directory of our own, removed on exit: the plain key never
-        # outlives the build (safe.build reads keys from paths only).
-        self._tmpdir = tempfile.mkdtemp(prefix="rampart-sign-")
-        plain_path = Path(self._tmpdir) / "signing.key"
-        fd = os.open(plain_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(plain)
-        return plain_path
-
-    def __exit__(self, *exc: object) -> None:
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+    return passphrase.encode("utf-8")

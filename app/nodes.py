@@ -255,6 +255,10 @@ class SiteModel:
         with self._lock:
             return self._statuses[node]
 
+    def publish(self, status: NodeStatus) -> None:
+        """Show ``status`` as the node's latest (a bootstrap's result, a test's fixture)."""
+        self._publish(status)
+
     def _publish(self, status: NodeStatus) -> None:
         with self._lock:
             self._statuses[status.name] = status
@@ -308,11 +312,15 @@ class SiteModel:
                                           error="the watch feed ended; reconnecting"))  # fmt: skip
             except Cancelled:
                 return
-            except RampartError as exc:
+            except (RampartError, SshError, OSError, EOFError) as exc:
                 # Host key or login problems also land here: shown, and retried
-                # slowly, so fixing them in the console brings the node back.
+                # slowly, so fixing them in the console brings the node back. A
+                # link lost inside paramiko at an unlucky moment is the same loss.
                 service.close()
-                self._publish(NodeStatus(node, False, error=str(exc), checked_at=time.time()))
+                why = (
+                    str(exc) if isinstance(exc, RampartError) else f"node {node}: link lost: {exc}"
+                )
+                self._publish(NodeStatus(node, False, error=why, checked_at=time.time()))
             if token.wait(self.backoff.delay(attempt)):
                 return
             attempt += 1

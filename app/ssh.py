@@ -199,10 +199,15 @@ class _Proxy(paramiko.ProxyCommand):
         self._stderr_lock = threading.Lock()  # close() runs in paramiko's thread
 
     def recv(self, size: int) -> bytes:
-        ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
-        if not ready:
-            raise TimeoutError("proxy command: no data")
-        return os.read(self.process.stdout.fileno(), size)
+        try:
+            ready, _, _ = select.select([self.process.stdout], [], [], self.timeout)
+            if not ready:
+                raise TimeoutError("proxy command: no data")
+            return os.read(self.process.stdout.fileno(), size)
+        except ValueError:
+            # close() from another thread closed the pipe under this read: the
+            # link is over, which paramiko understands as end of file.
+            return b""
 
     def close(self) -> None:
         # paramiko closes the proxy from its own thread as soon as the link
@@ -280,13 +285,16 @@ class Session:
                     opts.key_types = wanted
             try:
                 transport.start_client(timeout=timeout)
+                # A link lost right after the handshake ("No existing session")
+                # is the same loss as one during it: retry later, never crash.
+                server_key = transport.get_remote_server_key()
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 detail = self._proxy.stderr_text() if self._proxy else ""
                 raise Unreachable(
                     f"node {self.node.name}: no SSH service at {self.where} "
                     f"({detail or exc or type(exc).__name__})"
                 ) from None
-            check_host_key(host_keys, name, transport.get_remote_server_key(), self.node.name, path)
+            check_host_key(host_keys, name, server_key, self.node.name, path)
             transport.set_keepalive(KEEPALIVE_S)
             self._authenticate(transport, timeout)
         except BaseException:

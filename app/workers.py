@@ -70,6 +70,14 @@ class Task:
     def result(self, timeout: float | None = None) -> Any:
         return self._future.result(timeout)
 
+    def on_done(self, fn: Callable[[Task], None]) -> None:
+        """Call ``fn(task)`` once the work has ended (at once if it already has).
+
+        It runs in the worker's thread (or the caller's, if already done): a
+        view marshals it to the GUI thread itself, as with model signals.
+        """
+        self._future.add_done_callback(lambda _f: fn(self))
+
     @property
     def error(self) -> BaseException | None:
         if not self._future.done() or self._future.cancelled():

@@ -526,9 +526,58 @@ def print_outage(console: Any, outage: Outage, before: str) -> None:
     )
 
 
-def show_console(lab: LabDriver) -> None:
-    """Hook for the console step (a later change opens it or takes screenshots here)."""
-    print(f"console: rampart-console --site {lab.status['site_file']}")
+def show_console(lab: LabDriver, after_s: float = 5.0, timeout_s: float = 90.0) -> None:
+    """Open the console on the lab; with no display, screenshot each window under Xvfb.
+
+    Never fails the demo: whatever goes wrong is one line, and the lab stays up.
+    """
+    site = str(lab.status["site_file"])
+    command = [str(VENV_BIN / "rampart-console"), "--site", site]
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        log = OUT / "console.log"
+        try:
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=out, start_new_session=True)  # fmt: skip
+        except OSError as exc:
+            print(f"console: could not start it ({exc.strerror}); run: {shlex.join(command)}")
+            return
+        print(f"console: opened on site {site} (pid {proc.pid}, messages in {log}); "
+              f"close its window, or `kill {proc.pid}`")  # fmt: skip
+        return
+    xvfb_run = shutil.which("xvfb-run")
+    if xvfb_run is None:
+        print(f"console: no display and no xvfb-run (apt install xvfb); on a desktop run: "
+              f"{shlex.join(command)}")  # fmt: skip
+        return
+    shots = OUT / "console"
+    # xvfb-run -a: a private X server on a free display, stopped when the console exits.
+    argv = [xvfb_run, "-a", "-s", "-screen 0 1280x1024x24 -nolisten tcp", *command,
+            "--screenshot-all", str(shots), "--after", f"{after_s:g}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM"}
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # fmt: skip
+    except OSError as exc:
+        print(f"console: could not run xvfb-run ({exc.strerror}); run: {shlex.join(command)}")
+        return
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the console and its Xvfb: one session
+        proc.communicate()
+        print(f"console: screenshots took more than {timeout_s:g} s; stopped")
+        return
+    paths = [line for line in stdout.splitlines() if line.endswith(".png")]
+    if proc.returncode != 0 or not paths:
+        why = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        print(f"console: screenshots under Xvfb failed: {why}")
+        return
+    print("console: no display here, so each window was captured under Xvfb:")
+    for path in paths:
+        print(f"  {path}")
+    print(f"console: on a desktop, open it with: {shlex.join(command)}")
 
 
 def main(argv: list[str] | None = None) -> int:

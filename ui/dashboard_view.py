@@ -5,7 +5,7 @@ functions: the matrix is re-rendered from a fresh ``matrix(statuses)`` on
 every status change, buttons are enabled by ``button()`` (the same role rule
 a node applies) and show its reason when greyed out, and disruptive actions
 ask ``confirmation()``'s question first. The action itself runs in the
-model's workers; the view only polls whether it has finished.
+model's workers; its end comes back through a queued Qt signal (no polling).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (
     QGridLayout,
@@ -50,6 +50,9 @@ def ask(parent: QWidget, question: str) -> bool:
 class DashboardView(QWidget):
     """Module × node states with start/stop/restart/swap/prim/second buttons."""
 
+    # (label, task) from the worker that ran the action, queued to the GUI thread.
+    _action_done = Signal(str, object)
+
     def __init__(
         self, model: SiteModel, parent: QWidget | None = None, confirm: Confirm | None = None
     ) -> None:
@@ -60,7 +63,7 @@ class DashboardView(QWidget):
         self.confirm: Confirm = confirm or (lambda question: ask(self, question))
         self.current: tuple[str, str] | None = None  # (module, node)
         self.matrix_data = Matrix((), (), {})
-        self._pending: list[tuple[str, Task]] = []
+        self._action_done.connect(self._show_outcome)
 
         self.table = QTableWidget(0, 0)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
@@ -101,10 +104,6 @@ class DashboardView(QWidget):
         layout.addWidget(actions)
 
         self.redraw_timer = Coalescer(self, self.redraw, 1000, "dashboard-redraw", always=True)
-        self.poll_timer = QTimer(self)
-        self.poll_timer.setObjectName("dashboard-actions")
-        self.poll_timer.setInterval(200)
-        self.poll_timer.timeout.connect(self._poll_actions)
         relay(self, model.status_changed, self._status_changed)
         self.redraw()
         self.redraw_timer.start()
@@ -200,26 +199,26 @@ class DashboardView(QWidget):
             return None
         self.result.setText(f"{verb} {module} on {node}: running…")
         task = self.model.run_action(node, module, verb)
-        self._pending.append((f"{verb} {module} on {node}", task))
-        self.poll_timer.start()
+        label = f"{verb} {module} on {node}"
+        task.on_done(lambda t: self._post_outcome(label, t))
         return task
 
-    def _poll_actions(self) -> None:
-        still = []
-        for label, task in self._pending:
-            if not task.done:
-                still.append((label, task))
-                continue
-            if task.error is not None:
-                self.result.setText(f"{label}: failed: {task.error}")
-            else:
-                outcome: ActionResult = task.result(0)
-                self.result.setText(f"{label}: {'done' if outcome.ok else 'refused'}: "
-                                    f"{outcome.reason}")  # fmt: skip
-        self._pending = still
-        if not still:
-            self.poll_timer.stop()
+    def _post_outcome(self, label: str, task: Task) -> None:
+        """In the worker's thread: hand the outcome to the GUI thread."""
+        try:
+            self._action_done.emit(label, task)
+        except RuntimeError:
+            pass  # the view was closed while the action ran; nothing to show
+
+    @Slot(str, object)
+    def _show_outcome(self, label: str, task: Task) -> None:
+        try:
+            outcome: ActionResult = task.result(0)
+        except BaseException as exc:  # the action's own error, or cancelled while queued
+            self.result.setText(f"{label}: failed: {exc or 'cancelled'}")
+        else:
+            self.result.setText(f"{label}: {'done' if outcome.ok else 'refused'}: "
+                                f"{outcome.reason}")  # fmt: skip
 
     def stop(self) -> None:
         self.redraw_timer.stop()
-        self.poll_timer.stop()

@@ -11,7 +11,6 @@ work reports back.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from PySide6.QtWidgets import (
 from app.credentials import Credentials
 from app.designer import DesignerModel, PassphraseNeeded
 from app.workers import CancelToken, Workers
-from node_service.module import keys, safe, templates, userconfig
+from node_service.module import templates
 from node_service.module.model import SCRIPT_NAMES
 from ui.bridge import Relay, Runner, relay
 from ui.designer_forms import ModuleForm
@@ -50,13 +49,7 @@ RAW_XML_PAUSE_MS = 400
 def load_safe(_token: CancelToken, path: str, trust_pub: str | None) -> DesignerModel:
     """A designer model from a .safe (worker): verified and with its scripts when the
     site has a trusted key, else its userconfig.xml only (checked, not verified)."""
-    if trust_pub:
-        with tempfile.TemporaryDirectory(prefix="rampart-open-") as tmp:
-            dest = Path(tmp) / "module"
-            safe.extract(path, dest, [keys.load_public(trust_pub)])
-            return DesignerModel.from_dir(dest)
-    data = safe.read_userconfig(path)
-    return DesignerModel(userconfig.parse(data, f"{Path(path).name}:userconfig.xml"))
+    return DesignerModel.from_safe(path, trust_pub)
 
 
 def mono() -> QFont:

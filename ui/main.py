@@ -171,6 +171,10 @@ def _dispose(window) -> None:  # window: QMainWindow
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="rampart-console: %(message)s")
+    # paramiko logs its transport thread's end (a link cut, the window closing
+    # while a feed is open) as an ERROR with a traceback; app.ssh already turns
+    # every such failure into one line naming the node, shown in the window.
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     _choose_platform(args)
     try:
         code = run(args)

@@ -101,21 +101,34 @@ def _read_key_file(path: str | os.PathLike[str], what: str) -> bytes:
     return data
 
 
-def load_private(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    """The Ed25519 private key in a PEM file, or a KeyFileError saying why not."""
+def load_private(
+    path: str | os.PathLike[str], passphrase: bytes | None = None
+) -> Ed25519PrivateKey:
+    """The Ed25519 private key in a PEM file, or a KeyFileError saying why not.
+
+    ``passphrase`` opens an encrypted key in memory (the console gets it from
+    the OS keyring), so a decrypted copy never has to touch a disk.
+    """
     data = _read_key_file(path, "PEM Ed25519 private key such as signing.key")
     if _PUBLIC_MARKER in data and not any(m in data for m in _PRIVATE_MARKERS):
         raise KeyFileError(
             f"{path} is a public key; signing needs the private key (signing.key from "
             "`rampart keygen`)"
         )
+    # A passphrase given for a plain key is not needed, and not an error.
+    password = passphrase if b"ENCRYPTED" in data else None
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(data, password=password)
     except TypeError:
         raise KeyFileError(
             f"{path} is an encrypted private key; rampart needs an unencrypted PKCS8 key"
         ) from None
     except (ValueError, UnsupportedAlgorithm):
+        if password is not None:
+            raise KeyFileError(
+                f"the passphrase does not open signing key {path}; expected the one it was "
+                "encrypted with"
+            ) from None
         raise KeyFileError(
             f"{path} is not a PEM private key (expected signing.key from `rampart keygen`)"
         ) from None

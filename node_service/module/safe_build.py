@@ -206,9 +206,10 @@ def build_module(
     module_dir: str | os.PathLike[str],
     key_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
+    passphrase: bytes | None = None,
 ) -> BuildResult:
     module_dir, out = Path(module_dir), Path(out_path)
-    private = keys.load_private(key_path)
+    private = keys.load_private(key_path, passphrase)
     files, warnings = plan(module_dir, out)
     contents = _read_sources(files)
 

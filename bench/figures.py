@@ -2,9 +2,12 @@
 
 The machine running `make bench` is shared and noisy, so a figure always
 carries the number it should be read against (the module's heartbeat
-timeout, the application's own scripts, the load that was applied). Every
-limit in this project is an upper bound ("at most"): outage seconds, swap
-seconds, failovers.
+timeout, the application's own scripts, the load that was applied, the same
+disk unreplicated). ``Figure`` limits are upper bounds ("at most"): outage
+seconds, swap seconds, failovers, megabytes of memory. ``AtLeastFigure``
+limits are floors on the ratio to the baseline ("at least 0.9 of the
+filter-off rate", "replicated writes at least 0.5 of the same disk
+unreplicated").
 """
 
 from __future__ import annotations
@@ -68,6 +71,28 @@ class Figure:
         if self.detail:
             line += f"\n    {self.detail}"
         return line
+
+
+@dataclass(frozen=True)
+class AtLeastFigure(Figure):
+    """A figure whose limit is a floor on its ratio to the baseline (value/baseline >= limit).
+
+    ``Figure`` limits are ceilings on the value; throughput figures need
+    "at least R of the baseline measured in the same run".
+    """
+
+    @property
+    def ok(self) -> bool:
+        ratio = self.ratio
+        return ratio is not None and self.limit is not None and ratio >= self.limit
+
+    @property
+    def verdict(self) -> str:
+        ratio = self.ratio
+        if ratio is None or self.limit is None:
+            return "FAIL: not measured (the bounded wait ended first)"
+        sign, state = (">=", "ok") if self.ok else ("<", "FAIL")
+        return f"{state}: ratio {ratio:.2f} {sign} limit {self.limit:.2f}"
 
 
 def _num(value: float, unit: str) -> str:

@@ -174,15 +174,23 @@ def host_mounts(layout: Layout, host: Host) -> list[Mount]:
 
 
 def release_fuse(layout: Layout, host: Host) -> list[str]:
-    """Unhang and detach every FUSE mount in the host (after its daemons died)."""
+    """Unhang and detach every FUSE mount in the host (after its daemons died).
+
+    The host's mount namespace began as a copy of the machine's, so it also
+    sees FUSE mounts the machine had then. Those belong to someone else: they
+    are detached from this host only, never aborted (an abort would cut the
+    connection for every namespace, the machine's included).
+    """
     released = []
+    machines = {m.device for m in fuse_mounts(root_mounts())}
     for mount in fuse_mounts(host_mounts(layout, host)):
-        # Aborting the connection wakes anything still waiting on the dead daemon.
-        abort = Path("/sys/fs/fuse/connections") / mount.device.split(":")[1] / "abort"
-        try:
-            abort.write_text("1")
-        except OSError:
-            pass
+        if mount.device not in machines:
+            # Aborting the connection wakes anything still waiting on the dead daemon.
+            abort = Path("/sys/fs/fuse/connections") / mount.device.split(":")[1] / "abort"
+            try:
+                abort.write_text("1")
+            except OSError:
+                pass
         argv = [*nsenter(layout, host), "umount", "-l", mount.mountpoint]
         subprocess.run(argv, capture_output=True, timeout=CMD_TIMEOUT_S, check=False)
         released.append(mount.mountpoint)

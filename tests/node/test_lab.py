@@ -249,6 +249,31 @@ def test_crash_kills_processes_and_fuse_then_boot(fresh_lab, tmp_path):
         rampart("lab", "boot", n2, check=False)
 
 
+def test_crash_leaves_the_machines_own_fuse_mounts_alone(fresh_lab, tmp_path):
+    # A host booted while the machine has a FUSE mount sees a copy of it; the
+    # host's crash must detach that copy only, not abort the machine's mount.
+    lab = fresh_lab
+    n2 = f"{lab['name']}-n2"
+    script = tmp_path / "emptyfs.py"
+    script.write_text(FUSE_SCRIPT)
+    mnt = tmp_path / "machine-fuse"
+    mnt.mkdir()
+    fuse = subprocess.Popen([sys.executable, str(script), str(mnt)], stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: os.path.ismount(mnt)), "FUSE not mounted"
+        rampart("lab", "crash", n2)
+        rampart("lab", "boot", n2)  # the new mount namespace copies the machine's FUSE mount
+        assert str(mnt) in host_mounts(lab, "n2")
+        rampart("lab", "crash", n2)
+        assert os.listdir(mnt) == []  # still served: ENOTCONN if it had been aborted
+        assert fuse.poll() is None
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, timeout=10)
+        fuse.kill()
+        fuse.wait(timeout=10)
+        rampart("lab", "boot", n2, check=False)
+
+
 def test_cut_and_heal_one_network_then_all(fresh_lab):
     lab = fresh_lab
     name = lab["name"]

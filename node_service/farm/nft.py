@@ -9,20 +9,30 @@ map gives it. Python never predicts a kernel bucket: all nodes run the same
 jhash with the same seed, so they only have to agree on which node owns
 which bucket *number* (see ``buckets.py`` and docs/dev/farm.md).
 
-Rules, per farm rule (protocol + ports), in this order:
+Rules, per farm rule (protocol + ports). Every node receives every client
+packet, so the common case on a node is a packet it will drop; the rules
+are ordered so that case costs least:
 
-1. conntrack ``established,related``: accept, whatever the bucket. This is
+0. (chain ``early``, ``raw`` priority, before conntrack) a TCP bare SYN in
+   a bucket this node does not own: drop. Conntrack never sees it, so no
+   entry is allocated and freed for the other nodes' new clients.
+1. conntrack ``invalid``: drop. With ``nf_conntrack_tcp_loose=0`` (set by
+   the runner, see ``conntrack.py``) a mid-stream packet of a flow this
+   node does not know is invalid instead of a new entry picked up.
+2. conntrack ``established,related``: accept, whatever the bucket. This is
    what keeps a flow on the node where it started when its bucket moves.
-2. a new flow in an owned bucket: accept. For TCP only a bare SYN starts a
+3. a new flow in an owned bucket: accept. For TCP only a bare SYN starts a
    flow; a mid-stream packet this node has no conntrack entry for belongs to
    another node's flow and must not reach the TCP stack (it would answer
    with a reset and kill that flow).
-3. anything else to the VIP on those ports: drop, silently.
+4. anything else to the VIP on those ports: drop, silently.
 
-The chain hooks prerouting at the ``mangle`` priority: after conntrack (so
-the state is known) and before routing and the input path. A dropped first
-packet leaves no conntrack entry behind (entries are confirmed only when a
-packet survives), so a non-owner keeps no trace of other nodes' flows.
+Rules 1-4 are in chain ``prerouting`` at the ``mangle`` priority: after
+conntrack (so the state is known) and before routing and the input path. A
+dropped first packet leaves no conntrack entry behind (entries are
+confirmed only when a packet survives), so a non-owner keeps no trace of
+other nodes' flows. Every drop rule's comment starts with ``dropped``, so
+``counters`` adds them up.
 
 Replacement is atomic: the script creates the table if needed, deletes it
 and defines it again, all in one ``nft -f`` transaction; the kernel applies
@@ -163,14 +173,43 @@ def _hash_expr(rule: FilterRule, seed: int) -> str:
     return f"jhash {key} mod {BUCKETS} seed 0x{seed:08x}"
 
 
+def _syn(rule: FilterRule) -> str:
+    # Only a bare SYN starts a TCP flow (see the module docstring).
+    return " tcp flags & (fin | syn | rst | ack) == syn" if rule.protocol == "tcp" else ""
+
+
+def _match(farm: FarmFilter, rule: FilterRule) -> str:
+    return f"ip daddr {_elements_ip(farm.vips)} {rule.protocol} dport {_elements(rule.ports)}"
+
+
+def _label(rule: FilterRule) -> str:
+    return f"{rule.protocol} {','.join(str(p) for p in sorted(set(rule.ports)))}"
+
+
+def _early_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
+    """Rule 0: other nodes' new TCP clients, dropped before conntrack looks at them.
+
+    UDP has no SYN: a UDP packet of a non-owned bucket may belong to a flow
+    this node holds, which only conntrack knows.
+    """
+    foreign = set(range(BUCKETS)) - set(farm.owned)
+    if rule.protocol != "tcp" or not foreign:
+        return []
+    # Owning nothing (WAIT): every SYN goes, no hash needed.
+    bucket = "" if not farm.owned else f" {_hash_expr(rule, farm.seed)} {_elements(foreign)}"
+    comment = f'comment "{DROPPED} syn {_label(rule)}"'
+    return [f"{_match(farm, rule)}{_syn(rule)}{bucket} counter drop {comment}"]
+
+
 def _rule_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
-    match = f"ip daddr {_elements_ip(farm.vips)} {rule.protocol} dport {_elements(rule.ports)}"
-    label = f"{rule.protocol} {','.join(str(p) for p in sorted(set(rule.ports)))}"
-    lines = [f'{match} ct state established,related counter accept comment "{ESTABLISHED} {label}"']
+    match, label = _match(farm, rule), _label(rule)
+    lines = [
+        f'{match} ct state invalid counter drop comment "{DROPPED} invalid {label}"',
+        f'{match} ct state established,related counter accept comment "{ESTABLISHED} {label}"',
+    ]
     if farm.owned:
-        start = " tcp flags & (fin | syn | rst | ack) == syn" if rule.protocol == "tcp" else ""
         lines.append(
-            f"{match}{start} {_hash_expr(rule, farm.seed)} {_elements(farm.owned)}"
+            f"{match}{_syn(rule)} {_hash_expr(rule, farm.seed)} {_elements(farm.owned)}"
             f' counter accept comment "{OWNED} {label}"'
         )
     lines.append(f'{match} counter drop comment "{DROPPED} {label}"')
@@ -186,6 +225,7 @@ def build(farm: FarmFilter) -> Ruleset:
     """The nft script giving this node its share of the farm's clients."""
     _check(farm)
     table = table_name(farm.module)
+    early = [line for rule in farm.rules for line in _early_lines(farm, rule)]
     body = [line for rule in farm.rules for line in _rule_lines(farm, rule)]
     text = "\n".join(
         [
@@ -194,6 +234,10 @@ def build(farm: FarmFilter) -> Ruleset:
             f"table ip {table}",
             f"delete table ip {table}",
             f"table ip {table} {{",
+            "\tchain early {",
+            "\t\ttype filter hook prerouting priority raw; policy accept;",
+            *(f"\t\t{line}" for line in early),
+            "\t}",
             "\tchain prerouting {",
             "\t\ttype filter hook prerouting priority mangle; policy accept;",
             *(f"\t\t{line}" for line in body),

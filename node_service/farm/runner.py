@@ -12,8 +12,12 @@ heartbeats say so, and the peers take its buckets.
 Task ownership: ``farm:M`` (the decision loop), ``farm-heartbeats:M`` (wakes
 the loop on membership changes), ``farm-counters:M`` (reads the nft counters
 once a second, off the event loop) and the checker runner's tasks; all are
-cancelled and awaited in ``stop``. Side effects go through ``FarmEffects`` so
-unit tests replace them with a fake (tests/unit/test_farm_states_runner.py).
+cancelled and awaited in ``stop``, and each loop also ends on the
+``_leaving`` flag ``stop`` sets first. Waits use ``asyncio.timeout``: Python
+3.11's ``asyncio.wait_for`` can swallow a cancellation arriving with the
+wake-up, and a loop around it would outlive ``stop``. Side effects go through
+``FarmEffects`` so unit tests replace them with a fake
+(tests/unit/test_farm_states_runner.py).
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import contextlib
 import functools
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar
 
 from node_service.errors import CommandRefused, RampartError
-from node_service.farm import buckets, macvlan, nft
+from node_service.farm import buckets, conntrack, macvlan, nft
 from node_service.farm.states import (
     GIVE_UP,
     PENDING,
@@ -55,10 +60,20 @@ class FarmEffects:
     """The farm's side effects on this node; a unit test passes a fake.
 
     ``nft`` is the nft command (tests point it at a missing or failing one).
+    ``pickup`` is shared by the daemon's farm modules: the conntrack setting
+    it changes belongs to the whole node (see conntrack.py).
     """
+
+    pickup: ClassVar[conntrack.TcpPickup] = conntrack.TcpPickup()
 
     def __init__(self, nft_command: tuple[str, ...] = nft.NFT) -> None:
         self.nft = nft_command
+
+    async def strict_pickup(self, module: str, memo: Path) -> str:
+        return await self.pickup.start(module, memo)
+
+    async def restore_pickup(self, module: str, memo: Path) -> str:
+        return await self.pickup.stop(module, memo)
 
     async def lan_interface(self, address: str) -> str:
         from node_service.net import vip
@@ -202,6 +217,12 @@ class FarmRunner(ModuleRunner):
             steps.append("packet filter removed")
         except RampartError as exc:
             self.journal.error(f"removing the packet filter failed: {exc}", name)
+        try:
+            self.journal.record(
+                "info", await self.effects.restore_pickup(name, self._pickup_memo), name
+            )
+        except RampartError as exc:
+            self.journal.error(f"conntrack setting not restored: {exc}", name)
         if self.heartbeats is not None and self._hb_module:
             await self.heartbeats.remove_module(name)
         self._hb_module = False
@@ -367,6 +388,10 @@ class FarmRunner(ModuleRunner):
 
     # -- side-effect steps -----------------------------------------------------------
 
+    @property
+    def _pickup_memo(self) -> Path:
+        return self.module_state_dir / "conntrack_tcp_loose"
+
     def _reset(self) -> None:
         self._owners, self._alive, self._applied = None, None, None
         self._problem, self._said, self._leaving = None, None, False
@@ -386,6 +411,14 @@ class FarmRunner(ModuleRunner):
         if not await self._load(frozenset(), "start"):
             self._problem = self._said
             return "packet filter not loaded"
+        try:
+            # After the filter: its ct rules are what load conntrack here.
+            self.journal.record(
+                "info", await self.effects.strict_pickup(self.module.name, self._pickup_memo),
+                self.module.name,
+            )  # fmt: skip
+        except RampartError as exc:  # costs CPU on busy farms, never correctness
+            self.journal.warning(f"conntrack setting unchanged: {exc}", self.module.name)
         vips = self.module.vips
         try:
             me = self.module.node(self.node.node)
@@ -488,9 +521,10 @@ class FarmRunner(ModuleRunner):
     # -- owned tasks -------------------------------------------------------------------
 
     async def _decision_loop(self) -> None:
-        while True:
+        while not self._leaving:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
+                async with asyncio.timeout(TICK_S):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.evaluate()
@@ -502,7 +536,7 @@ class FarmRunner(ModuleRunner):
     async def _heartbeat_watch(self) -> None:
         if self.heartbeats is None or not self._hb_module:
             return
-        while True:
+        while not self._leaving:
             try:
                 if await self.heartbeats.wait_changed(self.module.name, TICK_S * 5):
                     self._wake.set()
@@ -510,7 +544,7 @@ class FarmRunner(ModuleRunner):
                 return
 
     async def _counter_loop(self) -> None:
-        while True:
+        while not self._leaving:
             if self._applied is not None:
                 try:
                     self.counters = await self.effects.counters(self.module.name)

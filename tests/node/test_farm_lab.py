@@ -475,3 +475,20 @@ def test_crash_moves_only_its_clients_and_boot_breaks_no_established_flow(farm_l
         for _node, sock in held.values():
             if sock is not None:
                 _abort(sock)
+
+
+LOOSE = "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+
+
+def test_conntrack_pickup_is_strict_while_a_farm_runs_and_restored_after(farm_lab, web):
+    """Runs last: it stops ``web``. The crash test before it rebooted a node, so
+    that node's daemon started ``web`` again over its own left-over setting."""
+    for node in web.nodes:
+        assert on(node, "cat", LOOSE).strip() == "0", node
+        journal = on(node, *CLI, "events", "-m", web.name, "-n", "500")
+        assert "net.netfilter.nf_conntrack_tcp_loose" in journal
+    for node in web.nodes:
+        on(node, *CLI, "stop", "-m", web.name)
+    for node in web.nodes:
+        assert on(node, "cat", LOOSE).strip() == "1", node
+        assert state(node, web.name)["state"] == "STOP"

@@ -12,9 +12,11 @@ from bench.farm import (
     FilterSwitch,
     Ports,
     crash_detail,
+    crash_name,
     crash_outage,
     detection_s,
     recovered,
+    template_profile,
 )
 from bench.farmlab import RoundResult, one_source_per_bucket, oracle_ruleset, parse_marks
 from node_service.demo import DemoError
@@ -82,11 +84,23 @@ def test_detection_is_the_first_journal_entry_saying_the_victim_was_lost():
 
 
 def test_crash_detail_says_what_detection_alone_costs():
-    default = crash_detail(["n1: 3.30 s"], 250, 3000, default=True)
-    assert "detection alone takes 2.75-3.25 s after a crash" in default
-    assert "the 3 s limit cannot be met with these defaults" in default
-    fast = crash_detail(["n1: 1.30 s"], 100, 1000, default=False)
+    template = crash_detail(["n1: 2.40 s"], 250, 2000, judged=True)
+    assert "detection alone takes 1.75-2.25 s after a crash" in template
+    assert "these are the farm template's settings" in template
+    default = crash_detail(["n1: 3.30 s"], 250, 3000, judged=False)
+    assert "2.75-3.25 s after a crash" in default
+    assert "information only: the model's default, kept by mirror modules" in default
+    fast = crash_detail(["n1: 1.30 s"], 100, 1000, judged=False)
     assert "0.9-1.1 s after a crash" in fast and "information only" in fast
+
+
+def test_the_judged_crash_run_uses_the_farm_templates_settings():
+    assert template_profile() == (250, 2000)
+    assert crash_name((250, 2000), (250, 2000)) == (
+        "farm: crash to all 256 buckets served again, farm template settings 250 ms / 2000 ms "
+        "(median of 5)"
+    )
+    assert "heartbeat 250 ms / 3000 ms" in crash_name((250, 3000), (250, 2000))
 
 
 def test_at_least_figure_passes_at_or_above_its_floor_and_prints_the_ratio():

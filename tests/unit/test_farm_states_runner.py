@@ -94,7 +94,8 @@ class FakeHeartbeats:
     async def wait_changed(self, module, timeout=None):
         self._check(module)
         try:
-            await asyncio.wait_for(self.changed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel (3.11)
+                await self.changed.wait()
         except TimeoutError:
             return False
         self.changed.clear()
@@ -135,6 +136,14 @@ class FakeEffects:
 
     async def counters(self, module):
         return {"established": 5, "owned": 3, "dropped": 7}
+
+    async def strict_pickup(self, module, memo):
+        self.calls.append(f"strict_pickup {module}")
+        return "net.netfilter.nf_conntrack_tcp_loose 1 -> 0"
+
+    async def restore_pickup(self, module, memo):
+        self.calls.append(f"restore_pickup {module}")
+        return "net.netfilter.nf_conntrack_tcp_loose 0 -> 1"
 
     async def mac_setup(self, spec):
         self.calls.append(f"mac_setup {spec.link} {spec.parent}")
@@ -215,7 +224,9 @@ def test_start_goes_up_and_loads_its_share_then_takes_a_lost_peers_buckets(tmp_p
             state = runner.state()
             assert (state["kind"], state["state"], state["buckets"]) == ("farm", "UP", mine)
             assert state["alive"] == list(NODES)
-            assert fx.calls[:3] == [
+            # Strict conntrack pickup right after the first filter, before the VIP.
+            assert fx.calls[:4] == [
+                "strict_pickup web",
                 "lan 198.51.100.11",
                 f"mac_setup {runner._shared.link} eth0",
                 f"announce 198.51.100.201 {runner._shared.link}",
@@ -234,6 +245,7 @@ def test_start_goes_up_and_loads_its_share_then_takes_a_lost_peers_buckets(tmp_p
             await runner.stop("test over")
         assert runner.current_state == "STOP"
         assert "mac_teardown " + runner._shared.link in fx.calls and "remove web" in fx.calls
+        assert fx.calls.index("remove web") < fx.calls.index("restore_pickup web")
         assert "web" not in hb.payload_fns and runner._tasks == []
         assert [m for m in messages(runner) if m.startswith("STOP -> WAIT")]
 
@@ -436,5 +448,31 @@ def test_missing_nft_is_a_clear_error_and_the_vip_is_not_taken(tmp_path):
         finally:
             await runner.stop("done")
         assert runner.current_state == "STOP"
+
+    run(scenario())
+
+
+def test_conntrack_pickup_that_cannot_be_set_is_a_warning_not_a_failed_start(tmp_path):
+    from node_service.farm.conntrack import PickupError
+
+    class NoConntrack(FakeEffects):
+        async def strict_pickup(self, module, memo):
+            raise PickupError("cannot read /proc/sys/net/netfilter/nf_conntrack_tcp_loose")
+
+    async def scenario():
+        fx = NoConntrack()
+        runner = make_runner(tmp_path, farm_module(), effects=fx)
+        try:
+            reason = await runner.start()
+            assert "VIP on rf-" in reason
+            assert "problem" not in runner.state()
+            said = [m for m in messages(runner) if m.startswith("conntrack setting unchanged")]
+            assert said == [
+                "conntrack setting unchanged: cannot read "
+                "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+            ]
+        finally:
+            await runner.stop("done")
+        assert "restore_pickup web" in fx.calls and runner.current_state == "STOP"
 
     run(scenario())

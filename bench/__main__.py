@@ -17,7 +17,15 @@ import time
 from bench.figures import Figure, failed
 from node_service.errors import RampartError
 
-BENCHMARKS: tuple[str, ...] = ("failover", "swap", "load", "farm")
+BENCHMARKS: tuple[str, ...] = (
+    "failover",
+    "swap",
+    "load",
+    "farm",
+    "replication",
+    "console",
+    "kvm_image",
+)
 
 
 def run_one(name: str) -> list[Figure]:

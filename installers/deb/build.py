@@ -250,7 +250,9 @@ def _normalise_modes(root: Path) -> None:
             path.chmod(0o755 if path.stat().st_mode & 0o100 else 0o644)
 
 
-def assemble(kind: str, tree: Path, wheels: list[Path], version_py: str) -> None:
+def assemble(
+    kind: str, tree: Path, wheels: list[Path], version_py: str, carried: Path | None = None
+) -> None:
     package = PACKAGES[kind]
     prefix = tree / package.prefix.lstrip("/")
     for wheel in wheels:
@@ -275,6 +277,10 @@ def assemble(kind: str, tree: Path, wheels: list[Path], version_py: str) -> None
             tree / "lib" / "systemd" / "system" / "rampartd.service",
         )
     else:
+        if carried is not None:
+            # The console bootstraps nodes offline: it carries the node package
+            # (app/bootstrap_plan.find_package looks here).
+            _copy(carried, prefix / "share" / "node" / carried.name)
         _copy(
             HERE / "console" / "rampart-console.desktop",
             tree / "usr" / "share" / "applications" / "rampart-console.desktop",
@@ -309,12 +315,17 @@ def build(kind: str, out: Path, version: str | None = None) -> Path:
     version = check_deb_version(version or f"{version_py}-1")
     arch = run(["dpkg", "--print-architecture"], "dpkg --print-architecture").stdout.strip()
     out.mkdir(parents=True, exist_ok=True)
+    carried = None
+    if kind == "console":
+        carried = out / deb_filename(PACKAGES["node"], version, arch)
+        if not carried.exists():
+            carried = build("node", out, version)
     cache = out / "cache"
     deps = dependency_wheels(package.extras, cache)
     with tempfile.TemporaryDirectory(prefix=f"{package.name}-", dir=out) as tmp:
         own = build_rampart_wheel(Path(tmp) / "rampart-wheel")
         tree = Path(tmp) / "tree"
-        assemble(kind, tree, [own, *sorted(deps.glob("*.whl"))], version_py)
+        assemble(kind, tree, [own, *sorted(deps.glob("*.whl"))], version_py, carried)
         python = python_depends(sys.version_info.major, sys.version_info.minor)
         control = control_text(package, version, arch, installed_kib(tree), python)
         (tree / "DEBIAN" / "control").write_text(control)

@@ -85,6 +85,9 @@ def test_carries_the_console_wheels_and_a_launcher(files):
     assert launcher.issym()
     assert launcher.linkname == "/opt/rampart-console/venv/bin/rampart-console"
     assert "./opt/rampart-console/resources/theme/console.qss" in files
+    # Offline bootstrap of nodes: the node package of the same version rides along.
+    node = f"./opt/rampart-console/share/node/rampart_{project_version()}-1_"
+    assert any(n.startswith(node) and n.endswith(".deb") for n in files)
 
 
 def test_desktop_entry_is_valid_and_points_at_the_launcher_and_icon(files, tmp_path):

@@ -65,8 +65,9 @@ class ActionsMixin:
     async def _replicate(self, action: Action, d: Decision) -> None:
         name = self.module.name
         try:
+            # ALONE: the peer is lost or stopped, so the source must not wait on it
             severity, text = await self.effects.replication.perform(
-                action.value, d.generations.current.number
+                action.value, d.generations.current.number, peer_lost=d.state is State.ALONE
             )
         except RampartError as exc:
             self.journal.error(f"{action.value}: {exc}", name)

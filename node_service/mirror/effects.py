@@ -38,7 +38,9 @@ class NullReplication:
         }.get(action, action)
         return f"module {module} has no replicated directories: replication {what}"
 
-    async def perform(self, action: str, generation: int = 0) -> tuple[str, str]:
+    async def perform(
+        self, action: str, generation: int = 0, *, peer_lost: bool = False
+    ) -> tuple[str, str]:
         return "info", self.describe(action, "", ())
 
     def fields(self) -> dict[str, Any] | None:

@@ -186,7 +186,7 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
             return
         try:
             _, text = await self.effects.replication.perform(
-                action, self._saved.generations.current.number
+                action, self._saved.generations.current.number, peer_lost=ran is State.ALONE
             )
             self.journal.record("info", f"{AFTER_RESTART}: {text}", self.module.name)
         except RampartError as exc:

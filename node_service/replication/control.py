@@ -108,14 +108,22 @@ class ProcessReplication:
 
     # ---- the runner's actions ------------------------------------------------------
 
-    async def perform(self, action: str, generation: int = 0) -> tuple[str, str]:
-        """Do one replication action; (severity, sentence) for the journal."""
+    async def perform(
+        self, action: str, generation: int = 0, *, peer_lost: bool = False
+    ) -> tuple[str, str]:
+        """Do one replication action; (severity, sentence) for the journal.
+
+        ``peer_lost`` (a source that serves ALONE): the process starts its
+        link ABSENT and dials in the background, never in the write path.
+        """
         if action == "replication_off":
             return "info", await self.stop("replication off")
         await self._ensure_running()
         if action == "replication_source":
             self._generation = generation
-            result = await self.request("become_primary", generation=generation)
+            result = await self.request(
+                "become_primary", generation=generation, peer_lost=peer_lost
+            )
             self.role = "primary"
         elif action == "replication_target":
             result = await self.request("become_secondary")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -95,6 +96,13 @@ class FileDirt:
     entry: bool
     meta: bool
     indexes: tuple[int, ...]
+
+
+def opening_ahead(dir: str, op: ops.Op, count: int = READAHEAD + 1) -> tuple[DirtyRegion, ...]:
+    """Data regions a created or truncated file is about to get (``DirtyTracker.add`` ahead)."""
+    if not isinstance(op, ops.Open) or not (op.created or op.flags & os.O_TRUNC):
+        return ()
+    return tuple(DirtyRegion(dir, op.path, k) for k in range(count))
 
 
 def plan(regions: Iterable[DirtyRegion]) -> tuple[FileDirt, ...]:
@@ -264,6 +272,7 @@ class DirtyTracker:
         self._pinned: set[DirtyRegion] = set(self._known)
         self._clear_due: collections.deque[tuple[float, DirtyRegion]] = collections.deque()
         self._next_epoch = 1
+        self._last_clear = 0.0
         self._done_epoch = 0
         self._failure: DirtyLogError | None = None
         self._stopping = False
@@ -281,10 +290,18 @@ class DirtyTracker:
 
     # ---- callers -----------------------------------------------------------
 
-    def add(self, regions: Iterable[DirtyRegion]) -> int:
+    def add(self, regions: Iterable[DirtyRegion], ahead: Iterable[DirtyRegion] = ()) -> int:
+        """Register an operation's regions; ``ahead``: likely next ones, recorded unreferenced.
+
+        ``ahead`` rides the same commit (a file just created or truncated is
+        written next: recording its first data regions now saves that write a
+        commit on each side) and is forgotten after ``clear_delay`` if unused.
+        """
         with self._cond:
             self._raise_failure()
             epoch = 0
+            if ahead:
+                self._record_ahead(ahead)
             for r in regions:
                 self._refs[r] += 1
                 at = self._known.get(r)
@@ -304,9 +321,13 @@ class DirtyTracker:
         # ones (files grow and are copied sequentially): recording them in the
         # same commit saves the next commits. Unused, they are forgotten after
         # clear_delay like any acknowledged region.
+        self._record_ahead(
+            DirtyRegion(r.dir, r.path, r.index + k) for k in range(1, self.readahead + 1)
+        )
+
+    def _record_ahead(self, regions: Iterable[DirtyRegion]) -> None:
         due = time.monotonic() + self.clear_delay
-        for k in range(1, self.readahead + 1):
-            ahead = DirtyRegion(r.dir, r.path, r.index + k)
+        for ahead in regions:
             if ahead not in self._known:
                 self._known[ahead] = self._next_epoch
                 self._pending.add(ahead)
@@ -399,7 +420,11 @@ class DirtyTracker:
                 self._pending = set()
                 epoch = self._next_epoch
                 self._next_epoch += 1
-                clear = self._take_due(time.monotonic())
+                now = time.monotonic()
+                clear = []
+                if self._clear_allowed(now, bool(record)):
+                    clear = self._take_due(now)
+                    self._last_clear = now
             try:
                 if clear and self._before_clear is not None:
                     try:
@@ -422,17 +447,25 @@ class DirtyTracker:
                 self._cond.notify_all()
 
     def _work_or_stop(self) -> bool:
-        now = time.monotonic()
-        return (
-            bool(self._pending)
-            or self._stopping
-            or bool(self._clear_due and self._clear_due[0][0] <= now)
-        )
+        return bool(self._pending) or self._stopping or self._clear_allowed(time.monotonic(), False)
+
+    def _clear_allowed(self, now: float, recording: bool) -> bool:
+        # Forgetting is never urgent (a region kept longer only costs resync)
+        # but each forgetting commit costs an fsync, and on the secondary a
+        # syncfs of the whole filesystem first: forget at most once per
+        # clear_delay, and not in a commit someone waits for unless the due
+        # regions have waited another clear_delay already.
+        if not self._clear_due or self._clear_due[0][0] > now:
+            return False
+        if now - self._last_clear < self.clear_delay:
+            return False
+        return not recording or now - self._clear_due[0][0] >= self.clear_delay
 
     def _idle_wait(self) -> float | None:
         if not self._clear_due:
             return None
-        return max(0.0, self._clear_due[0][0] - time.monotonic()) + 0.001
+        at = max(self._clear_due[0][0], self._last_clear + self.clear_delay)
+        return max(0.0, at - time.monotonic()) + 0.001
 
     def _take_due(self, now: float) -> list[DirtyRegion]:
         clear = []

@@ -163,7 +163,12 @@ class ReplicationProcess:
 
     # ---- roles ---------------------------------------------------------------
 
-    def become_primary(self, generation: int = 0) -> str:
+    def become_primary(self, generation: int = 0, peer_lost: bool = False) -> str:
+        """Mount and replicate; ``peer_lost``: taking over (ALONE), the peer is known gone.
+
+        A node taking over starts with the link ABSENT: writes are only
+        recorded, and the link thread dials in the background (see _link_loop).
+        """
         from node_service.replication.mount import mount_replicated
         from node_service.replication.resync import Resync
 
@@ -185,6 +190,11 @@ class ReplicationProcess:
                 timeout=self.timeout,
                 on_event=self.event,
             )
+            if peer_lost:
+                self.sender.mark_absent(
+                    f"{self.peer.name} is lost ({self.node} serves alone); "
+                    "changes are recorded for the resync when it returns"
+                )
             try:
                 for d in self.dirs:
                     mount = mount_replicated(d, self.sender.replicator(d), name=self.name)
@@ -299,12 +309,33 @@ class ReplicationProcess:
 
     # ---- primary: connect and resync -------------------------------------------
 
-    def _connect(self) -> None:
+    def _dial(self, sender: Any) -> Any:
+        """Connect to the peer holding no lock the FUSE operations need (bounded by the timeout)."""
         from node_service.cluster import pki
 
         ctx = pki.tls_context(self.site_dir, server=False)
         address = (self.peer.addresses[0], self.port)
-        self.sender.connect(address, ctx, self.generation, resync=True)
+        return sender.dial(address, ctx, self.generation)
+
+    def _resync(self, sender: Any, resync: Any, full: bool | None) -> Any:
+        """Dial first, then resync: the namespace lock is only held once the peer answered.
+
+        A dead peer (a takeover, every retry while ALONE) then costs this
+        thread the connect timeout, and the application nothing.
+        """
+        dialed = self._dial(sender)
+        attached = False
+
+        def attach() -> None:
+            nonlocal attached
+            attached = True
+            sender.attach(dialed, resync=True)
+
+        try:
+            return resync.run(attach, full=full)
+        finally:
+            if not attached:
+                dialed[0].close()
 
     def _link_loop(self) -> None:
         while not self._stop.is_set():  # and while this node is the primary
@@ -315,7 +346,7 @@ class ReplicationProcess:
             if sender.link != Link.CONNECTED or full:
                 self._force_full = False
                 try:
-                    result = resync.run(self._connect, full=full)
+                    result = self._resync(sender, resync, full)
                 except (PeerGone, RampartError) as exc:
                     self._changed.set()
                     log.info("module %s: peer not reached: %s", self.name, exc)
@@ -533,7 +564,8 @@ class ReplicationProcess:
 
     def _command(self, cmd: str, request: dict[str, Any]) -> Any:
         if cmd == "become_primary":
-            return {"reason": self.become_primary(int(request.get("generation", 0)))}
+            generation, lost = int(request.get("generation", 0)), bool(request.get("peer_lost"))
+            return {"reason": self.become_primary(generation, peer_lost=lost)}
         if cmd == "become_secondary":
             return {"reason": self.become_secondary(bool(request.get("preserve", False)))}
         if cmd == "preserve_split_brain":

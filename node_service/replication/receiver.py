@@ -41,6 +41,7 @@ from node_service.replication.dirty import (
     DirtyTracker,
     dirty_regions,
     encode_regions,
+    opening_ahead,
 )
 from node_service.replication.frames import Frame, FrameType
 from node_service.replication.transport import Accepted, Channel
@@ -287,7 +288,8 @@ class Receiver:
         paths = conn.paths[index]
         regions = dirty_regions(self.dirs[index], ops.regions(op, paths))
         paths.follow(op)
-        return frame.seq, index, op, regions, self.tracker.add(regions)
+        ahead = opening_ahead(self.dirs[index], op)
+        return frame.seq, index, op, regions, self.tracker.add(regions, ahead)
 
     def _apply_loop(self, conn: _Conn) -> None:
         while True:

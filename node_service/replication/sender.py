@@ -40,6 +40,7 @@ from node_service.replication.dirty import (
     DirtyLogError,
     DirtyTracker,
     dirty_regions,
+    opening_ahead,
 )
 from node_service.replication.frames import Frame, FrameType
 from node_service.replication.link import (
@@ -140,6 +141,16 @@ class Sender:
         A secondary that says it is stale gets nothing but a resync
         (``resync=True``): the link goes STALE and operations are only recorded.
         """
+        self.attach(self.dial(address, ctx, generation), resync=resync)
+
+    def dial(
+        self, address: tuple[str, int], ctx: ssl.SSLContext, generation: int = 0
+    ) -> tuple[Channel, frames.Welcome]:
+        """TCP, TLS, HELLO and WELCOME, holding no lock of ours or of the FUSE layer.
+
+        A dead peer costs up to the timeout here, so callers dial before they
+        take the namespace lock and ``attach`` the result under it.
+        """
         try:
             channel = connect(address, ctx, self.peer, self.timeout)
             try:
@@ -156,6 +167,11 @@ class Sender:
         except RetryableError as exc:
             self._go(Link.ABSENT, f"cannot connect to {self.peer}: {exc}")
             raise PeerGone(str(exc)) from None
+        return channel, welcome
+
+    def attach(self, dialed: tuple[Channel, frames.Welcome], *, resync: bool = False) -> None:
+        """Make a dialed connection the stream: quick, never waits on the network."""
+        channel, welcome = dialed
         if welcome.stale and not resync:
             channel.close()
             self._go(Link.STALE, f"{self.peer} is stale and needs a resync")
@@ -244,7 +260,7 @@ class Sender:
             regions = dirty_regions(self.dirs[index], ops.regions(op, paths))
             paths.follow(op)
             self._follow_opens(index, op)
-            epoch = self.tracker.add(regions)
+            epoch = self.tracker.add(regions, opening_ahead(self.dirs[index], op))
             key = (index, getattr(op, "handle", 0))
             orphan, pending = key in self._orphans, key in self._pending
             if isinstance(op, ops.Release):

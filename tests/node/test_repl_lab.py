@@ -152,3 +152,43 @@ def test_a_crashed_primary_loses_no_acknowledged_write(site):
     trials = min(CRASH_TRIALS, CI_TRIALS)
     acked = [crash_trial(site, t) for t in range(trials)]
     assert len(acked) == trials and min(acked) >= MIN_ACKED
+
+
+# Run inside the survivor right after ALONE: creates, renames, writes and
+# deletes in the replicated dir for SPAN_S (over several reconnect attempts
+# to the dead peer); prints the slowest operation's seconds.
+TAKEOVER_OPS = """
+import os, sys, time
+d, span = sys.argv[1], float(sys.argv[2])
+worst, end, i = 0.0, time.monotonic() + span, 0
+while time.monotonic() < end and i < 10000:
+    started = time.monotonic()
+    with open(f"{d}/takeover-{i}", "w") as f:
+        f.write("x" * 100)
+    os.rename(f"{d}/takeover-{i}", f"{d}/takeover-{i}.done")
+    if i % 2:
+        os.unlink(f"{d}/takeover-{i}.done")
+    worst = max(worst, time.monotonic() - started)
+    i += 1
+print(f"{worst:.3f} {i}")
+"""
+TAKEOVER_SPAN_S = 5.0  # the lab's 2 s timeout: at least one dial to the dead peer meanwhile
+PROMPT_S = 0.5
+
+
+def test_a_takeover_serves_its_replicated_dir_at_once_while_the_peer_is_lost(site):
+    prim, sec = site.primary()
+    probe = site.workdir / "takeover_ops.py"
+    probe.write_text(TAKEOVER_OPS)
+    site.lab_verb("crash", prim)
+    try:
+        site.wait(sec, "ALONE")
+        out = site.sh(sec, f"{sys.executable} {probe} {DIR} {TAKEOVER_SPAN_S}").stdout.split()
+        worst, count = float(out[0]), int(out[1])
+        assert count > 10 and worst < PROMPT_S, f"slowest operation {worst}s of {count}"
+        assert site.state(sec)["replication"]["status"] == "stale"
+    finally:
+        site.lab_verb("boot", prim)
+    site.wait_uptodate(prim, timeout=60)
+    check = site.verify(sec)
+    assert check.returncode == 0, check.stdout + check.stderr

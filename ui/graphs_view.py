@@ -113,6 +113,7 @@ class GraphsView(QWidget):
 
         self.redraw_timer = Coalescer(self, self.redraw, REDRAW_MS, "graphs-redraw", always=True)
         relay(self, feed.changed, self.redraw_timer.mark)
+        self.redraw()  # built late (first shown): the feed's buffered samples, at once
         self.redraw_timer.start()
 
     # -- controls

@@ -26,6 +26,9 @@ from node_service.errors import RampartError, UserError
 EXIT_USAGE = 2
 EXIT_BAD_SITE = 2
 EXIT_SCREENSHOT = 1
+# Late tabs' imports start once the window has painted and the monitors run,
+# so they compete with neither (ui/main_window.py).
+PREFETCH_AFTER_MS = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +149,8 @@ def _run(args: argparse.Namespace) -> int:
     console.start()
     if _batch(args):
         QTimer.singleShot(int(max(0.0, args.after) * 1000), shoot)
+    else:
+        window.start_prefetch(PREFETCH_AFTER_MS)
     try:
         app.exec()
     finally:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,73 @@ def test_watch_lines_reach_graphs_timeline_and_logs(qtbot, window):
     qtbot.waitUntil(lambda: "web@lab-n1" in window.graphs.curves["throughput"], timeout=3000)
     shown = lambda: [e.message for e in window.logs.shown()]  # noqa: E731
     qtbot.waitUntil(lambda: shown() == [entry["message"]], timeout=3000)
+
+
+# Builds the main window in a fresh interpreter (nothing imported yet), as
+# rampart-console does, then reports what was imported, built and drawn.
+LATE_TABS_SCRIPT = """
+import sys, time
+from PySide6.QtWidgets import QApplication
+from app.site import load
+from ui.console import Console
+from ui.main_window import MainWindow
+app = QApplication([])
+console = Console(load(sys.argv[1]))
+window = MainWindow(console)
+window.show()
+app.processEvents()
+print("up", "pyqtgraph" in sys.modules, ",".join(window.built()))
+ts = time.time()
+for k in range(3):
+    console.take_line("lab-n1", {"type": "metrics", "ts": ts - 2 + k, "node": "lab-n1",
+                                 "module": "web", "metrics": {"bytes_per_s": 1e6 * (k + 1)}})
+task = window.prefetch()
+print("prefetched", task.wait(60), task.error is None, "pyqtgraph" in sys.modules)
+window.tabs.setCurrentIndex(4)
+xs, ys = window.graphs.curves["throughput"]["web@lab-n1"].getData()
+print("graphs", ",".join(window.built()), ",".join(f"{y:g}" for y in ys))
+window.stop_timers()
+print("closed", console.close() == [])
+"""
+
+
+def test_window_comes_up_without_pyqtgraph_and_builds_graphs_on_first_show(tmp_path: Path):
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_TABS_SCRIPT, str(lab_like_site(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        env=offscreen_env(),
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "up False site,dashboard,deploy,logs",
+        "prefetched True True True",
+        "graphs site,dashboard,deploy,graphs,logs 1,2,3",
+        "closed True",
+    ], done.stderr
+
+
+def test_late_tabs_are_built_on_first_show_with_what_was_buffered(qtbot, window):
+    assert window.built() == ("site", "dashboard", "deploy", "logs")
+    ts = time.time()
+    console = window.console
+    console.take_line("lab-n1", {"type": "state", "ts": ts - 5, "node": "lab-n1",
+                                 "module": "web", "state": {"state": "PRIM"}})  # fmt: skip
+    for k in range(4):
+        line = {"type": "metrics", "ts": ts - 4 + k, "node": "lab-n1", "module": "web",
+                "metrics": {"bytes_per_s": 1e6 * k}}  # fmt: skip
+        console.take_line("lab-n1", line)
+    window.tabs.setCurrentIndex(TAB_NAMES.index("graphs"))  # as a click on the tab does
+    assert "graphs" in window.built() and window.tabs.currentWidget().isAncestorOf(window.graphs)
+    _xs, ys = window.graphs.curves["throughput"]["web@lab-n1"].getData()
+    assert list(ys) == [0.0, 1.0, 2.0, 3.0]
+    assert window.show_tab("timeline") is window.timeline
+    assert window.timeline.nodes == ("lab-n1",)
+    assert window.timeline.rows["lab-n1"][-1].state == "PRIM"
+    assert window.show_tab("designer") is window.designer
+    assert window.built() == TAB_NAMES
 
 
 def test_screenshot_under_offscreen_exits_zero_with_a_non_blank_png(tmp_path: Path):

@@ -74,6 +74,8 @@ class LogModel:
     def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
         self._lock = threading.Lock()
         self._entries: deque[LogEntry] = deque(maxlen=limit)
+        # One of each entry: a node's history is fetched again at each reconnect.
+        self._seen: set[LogEntry] = set()
         self.added = Signal("log_added")  # (LogEntry)
 
     def add(self, node: str, raw: dict[str, Any]) -> LogEntry | None:
@@ -81,7 +83,12 @@ class LogModel:
         if entry is None:
             return None
         with self._lock:
+            if entry in self._seen:
+                return None
+            if len(self._entries) == self._entries.maxlen:
+                self._seen.discard(self._entries[0])
             self._entries.append(entry)
+            self._seen.add(entry)
         self.added.emit(entry)
         return entry
 

@@ -228,6 +228,10 @@ class NodeService:
 # -- the site model --------------------------------------------------------------------------
 
 
+# How many past journal entries a node sends when the console connects.
+HISTORY_LIMIT = 200
+
+
 class SiteModel:
     """Every node's status, kept current by one monitor thread per node."""
 
@@ -305,6 +309,7 @@ class SiteModel:
                 status = self._refresh(node)
                 if status.reachable and status.error is None:
                     attempt = 0
+                    self._history(node, service)
                     self._follow(token, node, service)
                     if token.cancelled:
                         return
@@ -324,6 +329,31 @@ class SiteModel:
             if token.wait(self.backoff.delay(attempt)):
                 return
             attempt += 1
+
+    def _history(self, node: str, service: NodeService) -> None:
+        """The node's recent journal, sent as event lines before the live feed,
+        so Logs and the timeline show what happened before the console looked.
+
+        Best effort: a node that cannot say (an old rampart, a refused role)
+        still gets its live feed. Entries seen again after a reconnect are
+        dropped by the models that keep them (LogModel keeps one of each)."""
+        try:
+            result = service.run("rampart", "events", "--json", "-n", str(HISTORY_LIMIT))
+        except (RampartError, SshError, OSError, EOFError):
+            return
+        if result.rc != 0:
+            return
+        for text in result.out.splitlines():
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                continue
+            if not isinstance(entry, dict):
+                continue
+            event = {"type": "event", "node": node, "ts": entry.get("ts"), "entry": entry}
+            line = parse_line(event)
+            if line is not None:
+                self.feed_line.emit(node, line)
 
     def _follow(self, token: CancelToken, node: str, service: NodeService) -> None:
         channel = service.session().open_lines(["rampart", "watch", "--json"], self.idle_timeout)

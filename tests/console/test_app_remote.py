@@ -18,6 +18,7 @@ import pytest
 from app import deploy
 from app.credentials import Credentials
 from app.designer import DesignerModel
+from app.logs import LogModel
 from app.nodes import NodeService, SiteModel, allowed
 from app.site import Site, SiteNode, SshAccess
 from app.ssh import Backoff
@@ -50,6 +51,7 @@ case "$1 $2" in
     cp "$3" "$D/installed.safe"; echo "installed web 2"; exit 0;;
   "state --json") cat "$D/state.json"; exit 0;;
   "watch --json") cat "$D/watch.jsonl"; exit 0;;
+  "events --json") cat "$D/events.jsonl" 2>/dev/null; exit 0;;
 esac
 case "$1" in
   start|stop|restart|stopstart|prim|second|swap|primforce)
@@ -83,6 +85,7 @@ ACTION = {"module": "web", "command": "VERB", "reason": "VERB done", "state": {"
 STUB_FILES = (
     "rampart", "calls.log", "absent", "fail_verify", "fail_install", "refuse_actions",
     "modules.json", "installed.safe", "state.json", "watch.jsonl", "action.json",
+    "events.jsonl",
 )  # fmt: skip
 
 
@@ -347,3 +350,44 @@ def test_unreachable_node_fails_at_connect(
     assert failed is not None and failed.name == "connect"
     assert "cannot reach 127.0.0.1" in failed.message
     assert safe.inspect(package["safe"])["name"] == "web"
+
+
+def test_site_model_sends_the_journal_history_before_the_live_feed(
+    sshd: Sshd, node_stub: Path, memory_keyring: MemoryKeyring
+) -> None:
+    history = [
+        {"ts": 1699999990, "node": "n", "module": "web", "kind": "transition",
+         "severity": "info", "message": "WAIT -> PRIM (peer silent)"},
+        "not json",
+        {"ts": 1699999995, "node": "n", "module": "web", "kind": "checker",
+         "severity": "warning", "message": "tcp 198.51.100.200:80 refused"},
+    ]  # fmt: skip
+    text = [h if isinstance(h, str) else json.dumps(h) for h in history]
+    (node_stub / "events.jsonl").write_text("\n".join(text) + "\n")
+    site = two_node_site(sshd)
+    workers = Workers("rt-history")
+    model = SiteModel(site, Credentials(), workers, Backoff(initial=0.05, maximum=0.2))
+    logs = LogModel()
+    lines: list[dict] = []
+    fed = threading.Event()
+
+    def on_line(node: str, line: dict) -> None:
+        if node != "rt-n1":
+            return
+        lines.append(line)
+        logs.add_line(node, line)
+        if line["type"] == "hello":
+            fed.set()
+
+    model.feed_line.connect(on_line)
+    try:
+        model.start_monitoring()
+        assert fed.wait(WAIT_S), "no live feed"
+    finally:
+        model.close()
+        assert workers.shutdown(10) == []
+    assert [ln["type"] for ln in lines[:3]] == ["event", "event", "hello"]
+    assert [e.message for e in logs.entries()][:2] == [
+        "WAIT -> PRIM (peer silent)", "tcp 198.51.100.200:80 refused",
+    ]  # fmt: skip
+    assert any("events --json -n 200" in c for c in calls(node_stub))

@@ -118,3 +118,17 @@ def test_logs_keep_the_newest_entries_and_notify() -> None:
     assert logs.add("n1", {"kind": "info", "message": "no timestamp"}) is None
     assert [e.message for e in logs.entries()] == ["m2", "m3", "m4"]
     assert len(added) == 5
+
+
+def test_log_model_keeps_one_of_each_entry_even_after_eviction():
+    from app.logs import LogModel
+
+    logs = LogModel(limit=3)
+    raw = [{"ts": 1700000000 + i, "module": "web", "message": f"entry {i}"} for i in range(4)]
+    for entry in raw[:3]:
+        assert logs.add("n1", entry) is not None
+    assert logs.add("n1", raw[0]) is None  # a history fetched again after a reconnect
+    assert len(logs.entries()) == 3
+    assert logs.add("n1", raw[3]) is not None  # evicts entry 0 ...
+    assert logs.add("n1", raw[0]) is not None  # ... which may then come back
+    assert [e.message for e in logs.entries()] == ["entry 2", "entry 3", "entry 0"]

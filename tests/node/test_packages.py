@@ -90,6 +90,12 @@ class CleanHost:
             f"mount --rbind /dev {b}/root/dev\n"
             f"mount -t tmpfs -o mode=0755 tmpfs {b}/root/run\n"
             f"mount -t tmpfs -o mode=1777 tmpfs {b}/root/tmp\n"
+            # A bare server has no developer shell set-up: the machine's root
+            # rc files (a version manager's rehash, say) would run in every
+            # ssh command and can hang on a lock left by another session.
+            "for f in .bashrc .profile .bash_profile; do\n"
+            f"  if [ -f /root/$f ]; then echo '# bare host' > {b}/root/root/$f; fi\n"
+            "done\n"
             "ip link set lo up\n",
         )  # fmt: skip
 

@@ -24,13 +24,8 @@ from app.site import Site, SiteNode, SshAccess
 from app.ssh import Backoff
 from app.workers import Workers
 from node_service.module import keys, safe
-from tests.console.test_app_ssh import (
-    MemoryKeyring,
-    Sshd,
-    free_port,
-    installed_memory_keyring,
-    running_sshd,
-)
+from tests.console.test_app_ssh import Sshd, free_port, running_sshd
+from tests.keyrings import MemoryKeyring, installed_memory_keyring
 
 pytestmark = pytest.mark.node
 

@@ -15,48 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import keyring
-import keyring.backend
-import keyring.errors
 import paramiko
 import pytest
 
 from app import ssh
 from app.credentials import Credentials
 from app.site import Site, SiteNode, SshAccess
+from tests.keyrings import MemoryKeyring, installed_memory_keyring
 
 pytestmark = pytest.mark.node
 
 READY_TIMEOUT_S = 10.0
-
-
-class MemoryKeyring(keyring.backend.KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.store: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.store.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.store[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        if self.store.pop((service, username), None) is None:
-            raise keyring.errors.PasswordDeleteError("no such secret")
-
-
-def installed_memory_keyring() -> Iterator[MemoryKeyring]:
-    """Generator for fixtures: an in-memory keyring backend, the old one put back after."""
-    old = keyring.get_keyring()
-    fake = MemoryKeyring()
-    keyring.set_keyring(fake)
-    try:
-        yield fake
-    finally:
-        keyring.set_keyring(old)
 
 
 @pytest.fixture

@@ -11,24 +11,7 @@ import keyring.errors
 import pytest
 
 from app.credentials import SERVICE, CredentialError, Credentials
-
-
-class MemoryKeyring(keyring.backend.KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.store: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.store.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.store[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        if self.store.pop((service, username), None) is None:
-            raise keyring.errors.PasswordDeleteError("no such secret")
+from tests.keyrings import MemoryKeyring, installed_memory_keyring
 
 
 class LockedKeyring(MemoryKeyring):
@@ -38,13 +21,7 @@ class LockedKeyring(MemoryKeyring):
 
 @pytest.fixture
 def backend() -> Iterator[MemoryKeyring]:
-    old = keyring.get_keyring()
-    fake = MemoryKeyring()
-    keyring.set_keyring(fake)
-    try:
-        yield fake
-    finally:
-        keyring.set_keyring(old)
+    yield from installed_memory_keyring()
 
 
 def test_node_password_per_site_and_node(backend: MemoryKeyring) -> None:

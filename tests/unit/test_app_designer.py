@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import keyring
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -14,18 +13,12 @@ from app.credentials import Credentials
 from app.designer import DesignerError, DesignerModel, PassphraseNeeded
 from node_service.errors import KeyFileError
 from node_service.module import keys, safe, userconfig
-from tests.unit.test_app_credentials import MemoryKeyring
+from tests.keyrings import MemoryKeyring, installed_memory_keyring
 
 
 @pytest.fixture
 def backend() -> Iterator[MemoryKeyring]:
-    old = keyring.get_keyring()
-    fake = MemoryKeyring()
-    keyring.set_keyring(fake)
-    try:
-        yield fake
-    finally:
-        keyring.set_keyring(old)
+    yield from installed_memory_keyring()
 
 
 def mirror() -> DesignerModel:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,25 +14,10 @@ from node_service.replication.dirty import (
     META,
     READAHEAD,
     DirtyLog,
-    DirtyRegion,
     DirtyTracker,
     opening_ahead,
 )
-
-D = "/srv/data"
-
-
-def R(path: str, index: int) -> DirtyRegion:
-    return DirtyRegion(D, path, index)
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.01)
-    return check()
+from tests.unit.test_repl_dirty import D, R, eventually
 
 
 def opened(path: str = "f", *, created: bool = True, flags: int = os.O_WRONLY) -> ops.Open:

@@ -35,7 +35,10 @@ from node_service.lab.site import (
     validate_node_count,
 )
 
-RAMPARTD_READY_TIMEOUT_S = 5.0
+# Generous: the wait ends as soon as every API socket exists, and a loaded
+# machine (CI running several labs) can take well over 5 s to import and start
+# rampartd; returning early made the next `rampart` call fail to connect.
+RAMPARTD_READY_TIMEOUT_S = 30.0
 LINK_SETTLE_TIMEOUT_S = 5.0
 
 

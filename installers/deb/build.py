@@ -42,7 +42,9 @@ DEFAULT_OUT = REPO / "build" / "deb"
 # Debian policy: digits first, then alphanumerics and . + ~ - (the last '-'
 # separates the Debian revision).
 _DEB_VERSION = re.compile(r"^[0-9][A-Za-z0-9.+~]*(-[A-Za-z0-9.+~]+)?$")
-_SOURCE_PARTS = ("pyproject.toml", "README.md", "node_service", "app", "ui")
+# resources/ goes into the wheel as data files (pyproject [tool.setuptools.data-files]):
+# the venv gets it at share/rampart/resources, where node_service.resources looks.
+_SOURCE_PARTS = ("pyproject.toml", "README.md", "node_service", "app", "ui", "resources")
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 # Qt's platform plugin (xcb) dlopens these; PySide6's wheel does not carry them.
 _QT_LIBS = (
@@ -257,7 +259,6 @@ def assemble(
     prefix = tree / package.prefix.lstrip("/")
     for wheel in wheels:
         _copy(wheel, prefix / "wheels" / wheel.name)
-    shutil.copytree(REPO / "resources", prefix / "resources", ignore=_IGNORED)
     (prefix / "share").mkdir(parents=True)
     (prefix / "share" / "python-version").write_text(version_py + "\n")
     (tree / "usr" / "bin").mkdir(parents=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,23 @@ def test_cli_refuses_bad_input_in_one_line(args, message, tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith(message) and len(done.stderr.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # refused before anything was built
+
+
+def test_every_resource_file_goes_into_the_wheel_at_its_place():
+    """pyproject's data-files must carry all of resources/ to share/rampart/resources/."""
+    with (REPO / "pyproject.toml").open("rb") as f:
+        data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
+    placed = {}
+    for dest, patterns in data_files.items():
+        for pattern in patterns:
+            for path in REPO.glob(pattern):
+                if path.is_file():
+                    placed[path.relative_to(REPO).as_posix()] = dest
+    shipped = {
+        p.relative_to(REPO).as_posix()
+        for p in (REPO / "resources").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert sorted(shipped - placed.keys()) == []  # a new file or directory needs an entry
+    for source, dest in placed.items():
+        assert dest == "share/rampart/" + source.rsplit("/", 1)[0], source

@@ -52,6 +52,9 @@ class NullReplication:
     async def command(self, cmd: str) -> dict[str, Any]:
         raise CommandRefused(f"repl {cmd}: this module has no replicated directories")
 
+    async def clear_dead_leftovers(self) -> str | None:
+        return None
+
     async def close(self) -> None:
         return None
 

@@ -144,6 +144,9 @@ class MirrorRunner(ActionsMixin, ModuleRunner):
                 reason = await self.effects.remove_vip(vip)
                 if "removed" in reason:
                     self.journal.warning(f"left over from before: {reason}", name)
+        cleaned = await self.effects.replication.clear_dead_leftovers()
+        if cleaned:
+            self.journal.warning(f"left over from before at the replicated dirs: {cleaned}", name)
         await self._begin()
         decision = await self.step(Command.START)
         return decision.reason

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -341,11 +342,40 @@ class ProcessReplication:
         except RampartError as exc:
             self.journal.error(f"replication process could not be restarted: {exc}", self.name)
 
+    async def clear_dead_leftovers(self) -> str | None:
+        """Detach the mounts of a replication process that died with the last rampartd.
+
+        Under systemd a killed rampartd takes its whole cgroup along (the
+        unit's KillMode), the replication process included, and the runtime
+        marker goes with /run/rampart: the module then starts afresh and its
+        dirs may still carry a dead FUSE mount. A live process (one that
+        answers on its control socket) is never touched. Returns what was
+        done, or None when there was nothing to do.
+        """
+        if self._writer is not None or await self._control_answers():
+            return None
+        dirs = self.module.replicated_dirs
+        if not await asyncio.to_thread(_has_leftovers, dirs):
+            return None
+        return await asyncio.to_thread(_clear_leftovers, dirs)
+
+    async def _control_answers(self) -> bool:
+        try:
+            _, writer = await asyncio.open_unix_connection(str(self.control))
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
     async def stop(self, why: str) -> str:
         """Stop the process (it unmounts and unprotects); kill it if it does not end."""
         if self._writer is None:
             self.role = "off"
-            return f"replication of {self.name} is off"
+            cleaned = await self.clear_dead_leftovers()
+            tail = f"; {cleaned}" if cleaned else ""
+            return f"replication of {self.name} is off{tail}"
         self._stopping = True
         how = "stopped"
         try:
@@ -387,6 +417,16 @@ class ProcessReplication:
             if task is not asyncio.current_task():
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _has_leftovers(dirs: tuple[str, ...]) -> bool:
+    from node_service.replication.mount import mounted_at
+
+    return any(
+        m.fstype.startswith("fuse") or "ro" in m.options
+        for d in dirs
+        for m in mounted_at(os.path.realpath(d))
+    )
 
 
 def _clear_leftovers(dirs: tuple[str, ...]) -> str:

@@ -149,6 +149,8 @@ def running_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait(10)
+        if server.process.stderr is not None:
+            server.process.stderr.close()
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,9 @@ class CleanHost:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         if self.holder is not None:
             self.holder.kill()
             self.holder.wait(timeout=10)

@@ -6,7 +6,9 @@
   (secondary, 198.51.100.12) joined by one veth pair, so the link can be
   delayed like a distant site's;
 - site secrets (one CA, nodes n1 and n2) under a scratch directory in
-  /var/tmp, on the same disk as the unreplicated baselines;
+  /var/tmp, on the same disk as the unreplicated baselines; with
+  ``own_device`` the secondary's directory and dirty log are on a device of
+  their own instead (``bench.repl_device``: two machines' disks);
 - the **secondary** process (``python -m bench.repl_setup secondary``, in the
   secondary namespace): read-only view, dirty log, ``Receiver`` behind a
   mutual-TLS ``ReplicationServer``;
@@ -208,6 +210,7 @@ class Pair:
     relay: Child | None = None
     netem: bool | None = None  # None: not probed yet
     starts: int = 0
+    secondary_home: Path | None = None  # the secondary's own device; None: the same disk
 
     @property
     def primary_dir(self) -> Path:
@@ -215,7 +218,11 @@ class Pair:
 
     @property
     def secondary_dir(self) -> Path:
-        return self.root / "secondary"
+        return (self.secondary_home or self.root) / "secondary"
+
+    @property
+    def secondary_state(self) -> Path:
+        return (self.secondary_home or self.root) / "n2-state"
 
     @property
     def baseline_dir(self) -> Path:
@@ -298,14 +305,33 @@ def _tell_logs(pair: Pair) -> None:
 
 
 @contextmanager
-def replicated_pair(tag: str | None = None, scratch: str = "/var/tmp") -> Iterator[Pair]:
-    """The namespaces, site and secondary of the benchmark; everything removed on exit."""
+def replicated_pair(
+    tag: str | None = None, scratch: str = "/var/tmp", own_device: int = 0
+) -> Iterator[Pair]:
+    """The namespaces, site and secondary of the benchmark; everything removed on exit.
+
+    ``own_device``: bytes of a device of the secondary's own (see
+    bench.repl_device) for its directory and dirty log; 0: the scratch disk.
+    """
+    tag = tag or "rt-rb" + secrets.token_hex(2)
+    root = Path(tempfile.mkdtemp(prefix="rampart-bench-repl-", dir=scratch))
+    try:
+        if own_device:
+            from bench.repl_device import own_device as device
+
+            with device(tag, root / "own-device", own_device) as home:
+                yield from _pair(tag, root, home)
+        else:
+            yield from _pair(tag, root, None)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _pair(tag: str, root: Path, home: Path | None) -> Iterator[Pair]:
     from node_service.cluster import pki
     from node_service.replication.mount import unprotect
 
-    tag = tag or "rt-rb" + secrets.token_hex(2)
-    root = Path(tempfile.mkdtemp(prefix="rampart-bench-repl-", dir=scratch))
-    pair = Pair(root, f"{tag}p", f"{tag}s", f"{tag}p0", f"{tag}s0")
+    pair = Pair(root, f"{tag}p", f"{tag}s", f"{tag}p0", f"{tag}s0", secondary_home=home)
     try:
         run("ip", "netns", "add", pair.primary_ns)
         run("ip", "netns", "add", pair.secondary_ns)
@@ -324,9 +350,9 @@ def replicated_pair(tag: str | None = None, scratch: str = "/var/tmp") -> Iterat
             pki.issue_node(root / "site", node, root / node)
         for path in (pair.primary_dir, pair.secondary_dir, pair.baseline_dir):
             path.mkdir()
-        pair.secondary = Child.start(
-            pair.secondary_ns, "secondary", ["--root", str(root)], root / "secondary.log"
-        )
+        args = ["--root", str(root), "--dir", str(pair.secondary_dir)]
+        args += ["--state", str(pair.secondary_state)]
+        pair.secondary = Child.start(pair.secondary_ns, "secondary", args, root / "secondary.log")
         yield pair
     except BaseException:
         _tell_logs(pair)
@@ -339,7 +365,6 @@ def replicated_pair(tag: str | None = None, scratch: str = "/var/tmp") -> Iterat
         unprotect(str(pair.secondary_dir))
         for ns in (pair.primary_ns, pair.secondary_ns):
             run("ip", "netns", "del", ns, check=False)  # takes its veth end (and qdisc) along
-        shutil.rmtree(root, ignore_errors=True)
 
 
 # -- the child processes -------------------------------------------------------------
@@ -381,8 +406,8 @@ def _secondary(args: argparse.Namespace) -> None:
     from node_service.replication.transport import Endpoint, ReplicationServer
 
     root = Path(args.root)
-    view = protect_readonly(str(root / "secondary"))
-    log = DirtyLog(root / "n2-state" / "dirty.sqlite")
+    view = protect_readonly(args.dir)
+    log = DirtyLog(Path(args.state) / "dirty.sqlite")
     tracker = DirtyTracker(log, name="n2", before_clear=lambda: syncfs(view.fd))
     receiver = Receiver(
         module=MODULE,
@@ -515,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     roles = parser.add_subparsers(dest="role", required=True)
     sec = roles.add_parser("secondary")
     sec.add_argument("--root", required=True)
+    sec.add_argument("--dir", required=True)
+    sec.add_argument("--state", required=True)
     pri = roles.add_parser("primary")
     pri.add_argument("--root", required=True)
     pri.add_argument("--mode", required=True, choices=("sync", "semi", "async", FUSE_ONLY))

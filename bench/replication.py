@@ -9,6 +9,11 @@ the same run, interleaved with the replicated runs (median of each):
 
 1. 1 MiB sequential writes, fsync every 16 MiB, sync mode: ratio >= 0.5;
 2. 4 KiB write + fsync, IOPS, sync mode: ratio >= 0.4;
+
+   both measured twice: with the secondary on a device of its own (two
+   machines; bench/repl_device.py says what that device models), which
+   carries the limits, and with the secondary on the primary's disk
+   (information: its writes compete with the primary's);
 3. create/write/close of 10,000 small files: ratio >= 0.3;
 4. resync of 2 GiB of changes (written while the secondary was away) vs a
    raw local copy of 2 GiB (copy + fsync): ratio >= 0.7;
@@ -53,6 +58,9 @@ RSS_LIMIT_MIB = 200.0
 RESYNC_FILE = 256 * MiB
 FILES_TIMEOUT_S = 900.0  # one worker command at most (10,000 replicated files, 2 GiB)
 SPARE = 2 * GiB
+OWN = "secondary on its own device"
+SAME = "secondary on the same disk (information)"
+OWN_LOG_BYTES = 64 * MiB  # room per 4 KiB fsync run on the own device (about 16,000 ops)
 FUSE_ONLY_NAMES = {
     "MB/s": "1 MiB sequential writes + fsync every 16 MiB",
     "IOPS": "4 KiB write + fsync",
@@ -139,11 +147,14 @@ def ratio_figure(
     unit: str,
     replicated: Sequence[Run],
     baseline: Sequence[Run],
-    limit: float,
+    limit: float | None,
     scale: float = 1.0,
     note: str = "",
-) -> AtLeastFigure:
-    """Median rate replicated against median rate unreplicated; every run in the detail."""
+) -> Figure:
+    """Median rate replicated against median rate unreplicated; every run in the detail.
+
+    ``limit`` None: information only (a plain Figure, never a failure).
+    """
     value = statistics.median(r.rate for r in replicated) / scale
     base = statistics.median(r.rate for r in baseline) / scale
     runs = ", ".join(
@@ -155,6 +166,8 @@ def ratio_figure(
     )
     detail = f"runs (replicated/unreplicated {unit}): {runs}; median of paired ratios {paired:.2f}"
     detail += f"; {note}" if note else ""
+    if limit is None:
+        return Figure(name, value, unit, base, "unreplicated", None, detail=detail)
     return AtLeastFigure(name, value, unit, base, "unreplicated", limit, detail=detail)
 
 
@@ -278,24 +291,39 @@ def say(text: str) -> None:
     print(f"bench: replication: {text}", flush=True)
 
 
+def own_device_bytes(sizes: Sizes) -> int:
+    """What the own-device pass writes on the secondary: the sequential runs and 4 KiB logs."""
+    return ROUNDS * sizes.sequential + IOPS_ROUNDS * OWN_LOG_BYTES
+
+
 def run() -> list[Figure]:
+    from bench.repl_device import room_for
     from bench.repl_setup import replicated_pair
 
     scratch = "/var/tmp"
     sizes, note = plan_sizes(shutil.disk_usage(scratch).free)
     if note:
         say(note)
+    size = room_for(own_device_bytes(sizes))
+    if not size:
+        own = [failed(f"replication, {OWN}", "not enough free memory for the secondary's device")]
+    else:
+        say(f"{OWN}: an ext4 of {size // MiB} MiB on a RAM-backed loop device")
+        with replicated_pair(scratch=scratch, own_device=size) as pair:
+            own, _ = _headline(pair, sizes, note, OWN, limits=True)
+    say(f"{SAME}: every directory on {scratch}")
     with replicated_pair(scratch=scratch) as pair:
-        return _measure(pair, sizes, note)
+        return own + _measure(pair, sizes, note)
 
 
-def _measure(pair, sizes: Sizes, note: str) -> list[Figure]:
-    figures: list[Figure] = []
-    primary = pair.start_primary("sync")
-    idle_kib = primary.memory_kib("VmRSS")
+def _headline(
+    pair, sizes: Sizes, note: str, where: str, *, limits: bool
+) -> tuple[list[Figure], dict[str, list[Run]]]:
+    """Sequential and 4 KiB fsync, sync mode, against the baseline disk; and the baseline runs."""
+    if pair.primary is None:
+        pair.start_primary("sync")
     mnt, sec, base = pair.primary_dir, pair.secondary_dir, pair.baseline_dir
-
-    say(f"sequential writes, {ROUNDS} x {sizes.sequential // MiB} MiB each side")
+    say(f"{where}: sequential writes, {ROUNDS} x {sizes.sequential // MiB} MiB each side")
 
     def seq_repl(n: int) -> Run:
         done = pair.work("sequential", path=mnt / f"seq{n}", total=sizes.sequential)
@@ -306,21 +334,18 @@ def _measure(pair, sizes: Sizes, note: str) -> list[Figure]:
         return pair.work("sequential", path=base / f"seq{n}", total=sizes.sequential)
 
     ours, theirs = interleaved(ROUNDS, seq_repl, seq_base)
-    base_runs = {"MB/s": theirs}
-    figures.append(
-        ratio_figure(
-            f"replication: 1 MiB sequential writes + fsync every 16 MiB, sync "
-            f"({sizes.sequential // MiB} MiB, median of {ROUNDS})",
-            "MB/s",
-            ours,
-            theirs,
-            SEQ_LIMIT,
-            scale=1e6,
-            note=note,
-        )
+    seq = ratio_figure(
+        f"replication: 1 MiB sequential writes + fsync every 16 MiB, sync, {where} "
+        f"({sizes.sequential // MiB} MiB, median of {ROUNDS})",
+        "MB/s",
+        ours,
+        theirs,
+        SEQ_LIMIT if limits else None,
+        scale=1e6,
+        note=note,
     )
 
-    say(f"4 KiB write + fsync, {IOPS_ROUNDS} x {IOPS_SECONDS:g} s each side")
+    say(f"{where}: 4 KiB write + fsync, {IOPS_ROUNDS} x {IOPS_SECONDS:g} s each side")
 
     def iops_repl(n: int) -> Run:
         done = pair.work("fsync_4k", path=mnt / f"log{n}", seconds=IOPS_SECONDS)
@@ -330,18 +355,24 @@ def _measure(pair, sizes: Sizes, note: str) -> list[Figure]:
     def iops_base(n: int) -> Run:
         return pair.work("fsync_4k", path=base / f"log{n}", seconds=IOPS_SECONDS)
 
-    ours, theirs = interleaved(IOPS_ROUNDS, iops_repl, iops_base)
-    iops_baseline = statistics.median(r.rate for r in theirs)
-    base_runs["IOPS"] = theirs
-    figures.append(
-        ratio_figure(
-            f"replication: 4 KiB write + fsync, sync ({IOPS_SECONDS:g} s, median of {IOPS_ROUNDS})",
-            "IOPS",
-            ours,
-            theirs,
-            IOPS_LIMIT,
-        )
+    ours, iops = interleaved(IOPS_ROUNDS, iops_repl, iops_base)
+    fsyncs = ratio_figure(
+        f"replication: 4 KiB write + fsync, sync, {where} "
+        f"({IOPS_SECONDS:g} s, median of {IOPS_ROUNDS})",
+        "IOPS",
+        ours,
+        iops,
+        IOPS_LIMIT if limits else None,
     )
+    return [seq, fsyncs], {"MB/s": theirs, "IOPS": iops}
+
+
+def _measure(pair, sizes: Sizes, note: str) -> list[Figure]:
+    primary = pair.start_primary("sync")
+    idle_kib = primary.memory_kib("VmRSS")
+    mnt, sec, base = pair.primary_dir, pair.secondary_dir, pair.baseline_dir
+    figures, base_runs = _headline(pair, sizes, note, SAME, limits=False)
+    iops_baseline = statistics.median(r.rate for r in base_runs["IOPS"])
 
     say(f"small files, {FILES_ROUNDS} x {sizes.files:,} each side")
     last = list(small_file_names(sizes.files))[-1]

@@ -8,7 +8,10 @@ processes see a read-only tree while the applier still writes.
 Paths are resolved one component at a time with O_PATH|O_NOFOLLOW|O_DIRECTORY
 and final names are acted on without following symlinks: a record can never
 make the applier write outside the tree, even if the tree holds a symlink
-to /etc.
+to /etc. The descriptors of recently used directories are kept
+(``DirCache``): nothing but this applier changes the tree, so a directory's
+descriptor stays right until the applier itself renames or removes that
+directory or one above it, which drops it.
 
 Failures (ENOSPC, EIO, a name that should exist and does not...) raise
 SecondaryApplyError; they are never swallowed, because the transport must
@@ -23,6 +26,7 @@ directory through an Applier — for tests and the local benchmark.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -66,6 +70,52 @@ _WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Flags from the primary's open that matter on the secondary; O_APPEND is
 # dropped on purpose: writes carry the offset the primary actually used.
 _KEPT_FLAGS = os.O_SYNC | os.O_DSYNC | os.O_TRUNC
+DIR_CACHE_SIZE = 256  # directory descriptors kept open (1,000 files per dir: one walk per dir)
+
+
+class DirCache:
+    """Descriptors of directories below ``root_fd``, by relative path (least recently used out).
+
+    Each one was reached by a walk that never followed a symlink; it stays
+    valid while the directory keeps its path, so ``forget`` must be called
+    before a directory (or one above it) is renamed or removed. ``get`` never
+    closes anything (a descriptor handed out stays open while an operation
+    uses it, even one naming two deep paths); ``trim`` after each operation.
+    """
+
+    def __init__(self, root_fd: int, size: int = DIR_CACHE_SIZE):
+        self.root_fd = root_fd
+        self.size = size
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def get(self, rel: str) -> int:
+        """The descriptor of directory ``rel`` ('' = the root); owned by the cache."""
+        if not rel:
+            return self.root_fd
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+            return fd
+        up, _, name = rel.rpartition("/")
+        fd = os.open(name, _WALK, dir_fd=self.get(up))
+        self._fds[rel] = fd
+        return fd
+
+    def trim(self) -> None:
+        """Close the least recently used beyond ``size``."""
+        while len(self._fds) > self.size:
+            os.close(self._fds.popitem(last=False)[1])
+
+    def forget(self, rel: str) -> None:
+        """Drop ``rel`` and everything below it."""
+        prefix = rel + "/"
+        for path in [p for p in self._fds if p == rel or p.startswith(prefix)]:
+            os.close(self._fds.pop(path))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class Applier:
@@ -75,23 +125,15 @@ class Applier:
         self.root_fd = root_fd
         self.replay = replay
         self._handles: dict[int, int] = {}
+        self._dirs = DirCache(root_fd)
 
     # -- plumbing ---------------------------------------------------------
 
     @contextmanager
     def _parent(self, path: str) -> Iterator[tuple[int, str]]:
         """Yield (descriptor of the parent directory, final name) without following symlinks."""
-        *dirs, name = path.split("/")
-        fd = self.root_fd
-        opened: list[int] = []
-        try:
-            for part in dirs:
-                fd = os.open(part, _WALK, dir_fd=fd)
-                opened.append(fd)
-            yield fd, name
-        finally:
-            for each in opened:
-                os.close(each)
+        up, _, name = path.rpartition("/")
+        yield self._dirs.get(up), name
 
     def _fd(self, op: Op, handle: int) -> int:
         try:
@@ -101,10 +143,14 @@ class Applier:
                 op, None, f"secondary has no open handle {handle} for {describe(op)}; resync needed"
             ) from None
 
-    def _stamp(self, stamps: tuple[Stamp, ...]) -> None:
+    def _stamp(self, stamps: tuple[Stamp, ...], opened: tuple[str, int] | None = None) -> None:
+        """Set each stamped mtime; ``opened``: (path, fd) of a file just opened."""
         for s in stamps:
             if s.path == "":
                 syscalls.set_times(self.root_fd, "", None, s.mtime_ns, fd=self.root_fd)
+                continue
+            if opened is not None and s.path == opened[0]:
+                syscalls.set_times(-1, "", None, s.mtime_ns, fd=opened[1])
                 continue
             with self._parent(s.path) as (parent, name):
                 try:
@@ -123,6 +169,7 @@ class Applier:
         for fd in self._handles.values():
             os.close(fd)
         self._handles.clear()
+        self._dirs.close()
 
     # -- the one entry point ------------------------------------------------
 
@@ -138,6 +185,8 @@ class Applier:
             raise SecondaryApplyError(
                 op, exc.errno, f"secondary could not apply {describe(op)}: {reason}"
             ) from exc
+        finally:
+            self._dirs.trim()  # only now: the op may have used any descriptor it got
 
     # -- data operations ----------------------------------------------------
 
@@ -152,10 +201,14 @@ class Applier:
             os.close(old)
         self._handles[op.handle] = fd
         if op.created:
-            # chown first: it clears set-id bits that the chmod then restores
-            os.fchown(fd, op.uid, op.gid)
-            os.fchmod(fd, op.mode & 0o7777)
-        self._stamp(op.stamps)
+            st = os.fstat(fd)
+            chowned = (st.st_uid, st.st_gid) != (op.uid, op.gid)
+            if chowned:
+                os.fchown(fd, op.uid, op.gid)
+            # after a chown always: it clears set-id bits that the chmod restores
+            if chowned or stat.S_IMODE(st.st_mode) != op.mode & 0o7777:
+                os.fchmod(fd, op.mode & 0o7777)
+        self._stamp(op.stamps, (op.path, fd))
 
     def _apply_write(self, op: Write) -> None:
         fd = self._fd(op, op.handle)
@@ -229,6 +282,7 @@ class Applier:
         self._stamp(op.stamps)
 
     def _apply_rmdir(self, op: Rmdir) -> None:
+        self._dirs.forget(op.path)
         with self._parent(op.path) as (parent, name):
             try:
                 os.rmdir(name, dir_fd=parent)
@@ -247,6 +301,8 @@ class Applier:
         self._stamp(op.stamps)
 
     def _apply_rename(self, op: Rename) -> None:
+        self._dirs.forget(op.src)
+        self._dirs.forget(op.dst)  # a directory it replaces
         with self._parent(op.src) as (sp, sname), self._parent(op.dst) as (dp, dname):
             try:
                 os.rename(sname, dname, src_dir_fd=sp, dst_dir_fd=dp)

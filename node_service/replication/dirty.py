@@ -24,11 +24,18 @@ commits and keeps recently used regions recorded for ``clear_delay``
 seconds: a hot region costs one commit, not one per write (the same idea as
 DRBD's activity log). A region recorded longer than necessary only costs a
 little extra resync; a region forgotten too early would be a silent gap.
+
+A region below a directory whose ENTRY is already recorded needs no row of
+its own: that ENTRY (to a resync, the directory's whole subtree) is its
+*cover*, kept on disk as long as any region it covers is remembered. A
+directory just created or renamed thus costs one commit, not one per file
+created in it (``COVER_BUDGET`` bounds how much one cover takes on).
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import json
 import logging
 import os
@@ -50,6 +57,12 @@ ENTRY = ops.ENTRY
 DB_NAME = "dirty.sqlite"
 PRIMARY_ROLE, SECONDARY_ROLE = "primary", "secondary"
 READAHEAD = 15  # regions recorded after a new one: one commit per MiB of a stream
+# Regions one ENTRY covers before the paths below it need rows of their own
+# again (a nearer directory's ENTRY, else one row per region): the work a
+# resync after a cut spends on a busy directory stays bounded by activity
+# within the last few seconds, not by everything ever created in it.
+COVER_BUDGET = 4096
+COVER_LINGER = 5  # clear_delays a cover stays after the last region it covered is forgotten
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS region (
     dir TEXT NOT NULL,
@@ -270,7 +283,12 @@ class DirtyTracker:
         # Regions the peer may lack with no operation in flight (absent peer,
         # stale peer, records found at start): only settle() forgets them.
         self._pinned: set[DirtyRegion] = set(self._known)
-        self._clear_due: collections.deque[tuple[float, DirtyRegion]] = collections.deque()
+        # (when, region) to forget, a heap: lingering covers come due later than the rest
+        self._clear_due: list[tuple[float, DirtyRegion]] = []
+        # covered region -> the recorded ENTRY standing in for it (never itself covered)
+        self._cover_of: dict[DirtyRegion, DirtyRegion] = {}
+        self._covering: collections.Counter[DirtyRegion] = collections.Counter()  # remembered now
+        self._covered: collections.Counter[DirtyRegion] = collections.Counter()  # budget used
         self._next_epoch = 1
         self._last_clear = 0.0
         self._done_epoch = 0
@@ -300,21 +318,76 @@ class DirtyTracker:
         with self._cond:
             self._raise_failure()
             epoch = 0
-            if ahead:
-                self._record_ahead(ahead)
             for r in regions:
                 self._refs[r] += 1
                 at = self._known.get(r)
                 if at is None:
-                    at = self._known[r] = self._next_epoch
-                    self._pending.add(r)
-                    if r.index >= 0:
-                        self._read_ahead(r)
+                    at = self._remember(r)
                 if at > self._done_epoch:
                     epoch = max(epoch, at)
+            if ahead:  # after: a cover the regions brought along serves these too
+                self._record_ahead(ahead)
             if self._pending:
                 self._cond.notify_all()
             return epoch
+
+    def _remember(self, r: DirtyRegion) -> int:
+        """Start remembering ``r``: under a cover if one stands in, else as a new row."""
+        cover = self._cover_for(r)
+        if cover is not None:
+            self._cover_of[r] = cover
+            self._covering[cover] += 1
+            self._covered[cover] += 1
+            at = self._known[r] = self._known[cover]  # durable once the cover is
+            return at
+        at = self._known[r] = self._next_epoch
+        self._pending.add(r)
+        if r.index >= 0:
+            self._read_ahead(r)
+        return at
+
+    def _cover_for(self, r: DirtyRegion, *, promote: bool = True) -> DirtyRegion | None:
+        """The recorded ENTRY that may stand in for ``r`` (None: ``r`` needs its own row).
+
+        The nearest remembered ENTRY of a directory above ``r`` decides: its
+        row, or if it has none, the row of its own cover. Once that cover has
+        taken on ``COVER_BUDGET`` regions, ``r``'s parent directory — inside
+        the spent cover's subtree, so no wider — gets a row of its own (one
+        commit) and a fresh budget; only the spent cover's own children get
+        rows of their own. A file's own ENTRY never covers its data, and the
+        root's ENTRY is never recorded: top-level files keep exact rows.
+        ``promote=False`` (regions ahead, which nothing refers to) never makes a row.
+        """
+        path = r.path.rpartition("/")[0]
+        near = None
+        while path and near is None:
+            if DirtyRegion(r.dir, path, ENTRY) in self._known:
+                near = DirtyRegion(r.dir, path, ENTRY)
+            path = path.rpartition("/")[0]
+        if near is None:
+            return None
+        cover = self._cover_of.get(near, near)
+        if self._covered[cover] < COVER_BUDGET:
+            return cover
+        parent = DirtyRegion(r.dir, r.path.rpartition("/")[0], ENTRY)
+        if parent == cover or not promote:
+            return None
+        if parent in self._cover_of:
+            self._uncover(parent)
+        self._known[parent] = self._next_epoch
+        self._pending.add(parent)
+        return parent
+
+    def _uncover(self, r: DirtyRegion) -> None:
+        """``r`` no longer leans on its cover; a cover nobody leans on may be forgotten."""
+        cover = self._cover_of.pop(r)
+        self._covering[cover] -= 1
+        if self._covering[cover] <= 0:
+            del self._covering[cover]
+            # kept a while longer: a writer that pauses finds its directory
+            # still covered instead of paying a commit per file from then on
+            linger = COVER_LINGER * self.clear_delay
+            heapq.heappush(self._clear_due, (time.monotonic() + linger, cover))
 
     def _read_ahead(self, r: DirtyRegion) -> None:
         # A write to a new region is usually followed by writes to the next
@@ -328,10 +401,11 @@ class DirtyTracker:
     def _record_ahead(self, regions: Iterable[DirtyRegion]) -> None:
         due = time.monotonic() + self.clear_delay
         for ahead in regions:
-            if ahead not in self._known:
+            # a region ahead that a cover already stands for needs nothing now
+            if ahead not in self._known and self._cover_for(ahead, promote=False) is None:
                 self._known[ahead] = self._next_epoch
                 self._pending.add(ahead)
-                self._clear_due.append((due, ahead))
+                heapq.heappush(self._clear_due, (due, ahead))
 
     def wait_durable(self, epoch: int, timeout: float) -> None:
         if epoch == 0:
@@ -352,7 +426,7 @@ class DirtyTracker:
         with self._cond:
             for r in regions:
                 if self._drop_ref(r) == 0:
-                    self._clear_due.append((due, r))
+                    heapq.heappush(self._clear_due, (due, r))
             self._cond.notify_all()
 
     def keep(self, regions: Iterable[DirtyRegion]) -> None:
@@ -371,7 +445,7 @@ class DirtyTracker:
         with self._cond:
             for r in regions:
                 self._pinned.discard(r)
-                self._clear_due.append((due, r))
+                heapq.heappush(self._clear_due, (due, r))
             self._cond.notify_all()
 
     def recorded(self) -> frozenset[DirtyRegion]:
@@ -470,12 +544,18 @@ class DirtyTracker:
     def _take_due(self, now: float) -> list[DirtyRegion]:
         clear = []
         while self._clear_due and self._clear_due[0][0] <= now:
-            _, r = self._clear_due.popleft()
+            _, r = heapq.heappop(self._clear_due)
             # Re-used since the release, or already forgotten: keep it as is.
             if r in self._refs or r in self._pinned or r not in self._known:
                 continue
             if self._known[r] > self._done_epoch:
                 continue
+            if r in self._covering:
+                continue  # still stands in for others: queued again when they go
             del self._known[r]
-            clear.append(r)
+            self._covered.pop(r, None)
+            if r in self._cover_of:
+                self._uncover(r)  # it has no row of its own: nothing to delete
+            else:
+                clear.append(r)
         return clear

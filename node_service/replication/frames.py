@@ -41,6 +41,7 @@ HEADER_SIZE = HEADER.size  # 16
 MAX_PAYLOAD = 8 * 1024 * 1024
 MAX_CONTROL = 4096
 MAX_SEQ = 2**64 - 1
+MODES = ("sync", "semi", "async")  # link.Mode's values; frames stays free of imports
 
 
 class ProtocolError(RetryableError):
@@ -165,6 +166,9 @@ class Hello:
     module: str
     node: str
     generation: int = 0
+    # The primary's mode: the secondary applies in its receiving thread only
+    # for a sync primary (see receiver.py); absent (older primary): sync.
+    mode: str = "sync"
 
 
 @dataclass(frozen=True)
@@ -236,8 +240,8 @@ def parse_scan(frame: Frame, dir_count: int) -> tuple[int, Want, bool]:
     return index, want, hashes
 
 
-def hello(module: str, node: str, generation: int = 0) -> Frame:
-    body = {"module": module, "node": node, "generation": generation}
+def hello(module: str, node: str, generation: int = 0, mode: str = "sync") -> Frame:
+    body = {"module": module, "node": node, "generation": generation, "mode": mode}
     return Frame(FrameType.HELLO, 0, _json(body))
 
 
@@ -252,8 +256,12 @@ def error(seq: int, errno: int, message: str) -> Frame:
 
 
 def parse_hello(frame: Frame) -> Hello:
-    body = _control(frame, FrameType.HELLO, {"module": str, "node": str, "generation": int})
-    return Hello(body["module"], body["node"], body["generation"])
+    fields = {"module": str, "node": str, "generation": int}
+    body = _control(frame, FrameType.HELLO, fields, optional={"mode": str})
+    mode = body.get("mode", "sync")
+    if mode not in MODES:
+        raise ProtocolError(f"HELLO frame names mode {mode!r}, expected sync, semi or async")
+    return Hello(body["module"], body["node"], body["generation"], mode)
 
 
 def parse_welcome(frame: Frame) -> Welcome:
@@ -274,7 +282,12 @@ def _json(body: dict[str, object]) -> bytes:
     return data
 
 
-def _control(frame: Frame, expected: FrameType, fields: dict[str, type]) -> dict[str, object]:
+def _control(
+    frame: Frame,
+    expected: FrameType,
+    fields: dict[str, type],
+    optional: dict[str, type] | None = None,
+) -> dict[str, object]:
     if frame.type != expected:
         raise ProtocolError(f"expected a {expected.name} frame, got {frame.type.name}")
     try:
@@ -283,11 +296,14 @@ def _control(frame: Frame, expected: FrameType, fields: dict[str, type]) -> dict
         raise ProtocolError(f"{expected.name} frame payload is not a JSON object") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"{expected.name} frame payload is not a JSON object")
-    if set(body) != set(fields):
+    optional = optional or {}
+    if not set(fields) <= set(body) <= set(fields) | set(optional):
         got = ", ".join(sorted(body)) or "nothing"
-        want = ", ".join(sorted(fields))
+        want = ", ".join(sorted(fields)) + "".join(f" [{name}]" for name in sorted(optional))
         raise ProtocolError(f"{expected.name} frame has fields {got}, expected {want}")
-    for name, kind in fields.items():
+    for name, kind in {**fields, **optional}.items():
+        if name not in body:
+            continue
         value = body[name]
         # bool is an int in Python; a generation of `true` is still wrong.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

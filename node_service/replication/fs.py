@@ -45,24 +45,21 @@ import mfusepy
 
 from node_service.errors import FatalError
 from node_service.replication import syscalls
+from node_service.replication.fs_namespace import NamespaceCalls
+from node_service.replication.fs_namespace import at_path as _at
+from node_service.replication.fs_namespace import parent_path as _parent
+from node_service.replication.fs_namespace import rel_path as _rel
 from node_service.replication.ops import (
     Chmod,
     Chown,
     Fallocate,
     Fsync,
-    Link,
-    Mkdir,
-    Mknod,
     Op,
     Open,
     Release,
-    Rename,
     Replicator,
-    Rmdir,
     Stamp,
-    Symlink,
     Truncate,
-    Unlink,
     Utimens,
     Write,
     describe,
@@ -74,6 +71,11 @@ log = logging.getLogger(__name__)
 
 NOW = syscalls.NOW
 STRIPES = 64
+# How long the kernel may trust a lookup, a missing name and attributes. Safe
+# to cache: on the primary every change goes through this mount (resync
+# writes only to the secondary), and each change through the mount refreshes
+# or invalidates what the kernel cached for the names and inodes it touched.
+CACHE_TIMEOUT_S = 1.0
 # Flags that must not reach the real descriptor: the offset of every write is
 # the one the kernel chose (O_APPEND would make pwrite ignore it), creation is
 # done explicitly, a truncation is done under the inode lock, and FUSE hands
@@ -98,19 +100,6 @@ class _File:
     replicated: bool  # opened for writing: the secondary has this handle too
 
 
-def _rel(path: str | None) -> str:
-    """FUSE path '/a/b' → 'a/b'; the root → ''."""
-    return (path or "/").lstrip("/")
-
-
-def _at(rel: str) -> str:
-    return rel or "."
-
-
-def _parent(rel: str) -> str:
-    return rel.rpartition("/")[0]
-
-
 def _mode(entry: os.DirEntry[str]) -> int:
     return entry.stat(follow_symlinks=False).st_mode
 
@@ -119,7 +108,7 @@ def _writing(flags: int) -> bool:
     return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
 
 
-class ReplicatedOperations(mfusepy.Operations):
+class ReplicatedOperations(NamespaceCalls, mfusepy.Operations):
     """Passthrough over ``root_fd`` that reports every change to ``replicator``."""
 
     use_ns = True
@@ -220,11 +209,31 @@ class ReplicatedOperations(mfusepy.Operations):
         return tuple(out.values())
 
     def _owner_for(self, parent_rel: str) -> tuple[int, int]:
+        return self._owner_in(os.stat(_at(parent_rel), dir_fd=self.root_fd))
+
+    def _owner_in(self, parent: os.stat_result) -> tuple[int, int]:
         uid, gid = self.caller()
-        parent = os.stat(_at(parent_rel), dir_fd=self.root_fd)
         if parent.st_mode & stat.S_ISGID:  # BSD group semantics of a set-gid directory
             gid = parent.st_gid
         return uid, gid
+
+    def _own(self, fd: int, mode: int, parent: os.stat_result) -> os.stat_result:
+        """Give a file just created the caller's owner and ``mode``; return its stat.
+
+        Only the syscalls that change something: a root caller's file already
+        has the right owner, and this process's umask usually left the mode
+        as asked.
+        """
+        uid, gid = self._owner_in(parent)
+        st = os.fstat(fd)
+        chowned = (st.st_uid, st.st_gid) != (uid, gid)
+        if chowned:
+            os.fchown(fd, uid, gid)
+        # after a chown always: it clears set-id bits that the chmod restores
+        if chowned or stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+            st = os.fstat(fd)
+        return st
 
     def _file(self, fi: Any) -> _File:
         return self._files[fi.fh]
@@ -236,6 +245,9 @@ class ReplicatedOperations(mfusepy.Operations):
             config_3.use_ino = 1  # hard links show one inode, as on the real fs
             config_3.hard_remove = 1  # unlink for real; open handles keep the inode
             config_3.direct_io = 1
+            config_3.entry_timeout = CACHE_TIMEOUT_S
+            config_3.attr_timeout = CACHE_TIMEOUT_S
+            config_3.negative_timeout = CACHE_TIMEOUT_S
         self.mounted.set()
 
     def destroy(self, path: str) -> None:
@@ -286,14 +298,15 @@ class ReplicatedOperations(mfusepy.Operations):
     def read(self, path: str | None, size: int, offset: int, fh: Any) -> bytes:
         return os.pread(self._file(fh).fd, size, offset)
 
-    def flush(self, path: str | None, fh: Any) -> int:
-        return 0
+    # No flush: writes are done (and waited for) when write returns, so FLUSH
+    # would have nothing to do. Left undefined, libfuse answers ENOSYS once
+    # and the kernel stops sending it: one round trip less per close(2).
 
     # -- open, create, release -----------------------------------------------
 
-    def _register(self, fd: int, replicated: bool, fi: Any) -> int:
+    def _register(self, fd: int, replicated: bool, fi: Any, ino: int | None = None) -> int:
         handle = next(self._handles)
-        self._files[handle] = _File(fd, os.fstat(fd).st_ino, replicated)
+        self._files[handle] = _File(fd, os.fstat(fd).st_ino if ino is None else ino, replicated)
         fi.fh = handle
         fi.direct_io = 1
         return handle
@@ -321,24 +334,40 @@ class ReplicatedOperations(mfusepy.Operations):
         with self._ns_lock:
             try:
                 fd = os.open(rel, real | os.O_CREAT | os.O_EXCL, mode & 0o7777, dir_fd=self.root_fd)
-                created = True
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
-                fd, created = os.open(rel, real, dir_fd=self.root_fd), False
-            try:
-                if created:
-                    uid, gid = self._owner_for(_parent(rel))
-                    os.fchown(fd, uid, gid)
-                    os.fchmod(fd, mode & 0o7777)
-            except OSError:
-                os.close(fd)
-                os.unlink(rel, dir_fd=self.root_fd)
-                raise
-            handle = self._register(fd, True, fi)
-            ticket, op = self._open_record(handle, rel, flags, fd, created)
+                fd = os.open(rel, real, dir_fd=self.root_fd)
+                handle = self._register(fd, True, fi)
+                ticket, op = self._open_record(handle, rel, flags, fd, created=False)
+            else:
+                try:
+                    # read after the create: its mtime is the one to stamp
+                    parent = os.stat(_at(_parent(rel)), dir_fd=self.root_fd)
+                    st = self._own(fd, mode & 0o7777, parent)
+                except OSError:
+                    os.close(fd)
+                    os.unlink(rel, dir_fd=self.root_fd)
+                    raise
+                handle = self._register(fd, True, fi, st.st_ino)
+                with self._stripe(st.st_ino):
+                    stamps = (Stamp(_parent(rel), parent.st_mtime_ns), Stamp(rel, st.st_mtime_ns))
+                    op = self._open_op(handle, rel, flags, st, True, stamps)
+                    ticket = self._submit(op)
         self._wait_open(handle, ticket, op)
         return 0
+
+    @staticmethod
+    def _open_op(
+        handle: int,
+        rel: str,
+        flags: int,
+        st: os.stat_result,
+        created: bool,
+        stamps: tuple[Stamp, ...],
+    ) -> Open:
+        mode = st.st_mode & 0o7777
+        return Open(handle, rel, flags, mode, st.st_uid, st.st_gid, created, stamps)
 
     def _open_record(
         self, handle: int, rel: str, flags: int, fd: int, created: bool
@@ -351,9 +380,7 @@ class ReplicatedOperations(mfusepy.Operations):
             st = os.fstat(fd)
             touched = created or bool(flags & os.O_TRUNC)
             stamps = self._stamps(*((_parent(rel), rel) if created else (rel,) if touched else ()))
-            op = Open(
-                handle, rel, flags, st.st_mode & 0o7777, st.st_uid, st.st_gid, created, stamps
-            )
+            op = self._open_op(handle, rel, flags, st, created, stamps)
             return self._submit(op), op
 
     def release(self, path: str | None, fh: Any) -> int:
@@ -415,104 +442,19 @@ class ReplicatedOperations(mfusepy.Operations):
 
     def fsync(self, path: str | None, datasync: int, fh: Any) -> int:
         entry = self._files[fh.fh]
-        (os.fdatasync if datasync else os.fsync)(entry.fd)
+        op = Fsync(fh.fh, bool(datasync))
+        ticket = None
         if entry.replicated:
-            op = Fsync(fh.fh, bool(datasync))
+            # Submitted first so the secondary's fsync runs while ours does. It
+            # still follows every write that returned before this call (those
+            # were submitted under the same stripe lock), which is all an
+            # fsync promises; the application hears back after both.
             with self._stripe(entry.ino):
                 ticket = self._submit(op)
+        (os.fdatasync if datasync else os.fsync)(entry.fd)
+        if entry.replicated:
             self._wait(ticket, op)
         return 0
-
-    # -- namespace --------------------------------------------------------------
-
-    def _namespace(self, apply: Callable[[], Op]) -> int:
-        """Apply locally and submit under the namespace lock; wait outside it."""
-        with self._ns_lock:
-            op = apply()
-            ticket = self._submit(op)
-        self._wait(ticket, op)
-        return 0
-
-    def mkdir(self, path: str, mode: int) -> int:
-        rel = _rel(path)
-
-        def apply() -> Op:
-            os.mkdir(rel, mode & 0o7777, dir_fd=self.root_fd)
-            uid, gid = self._owner_for(_parent(rel))
-            os.chown(rel, uid, gid, dir_fd=self.root_fd, follow_symlinks=False)
-            inherited = os.stat(_at(_parent(rel)), dir_fd=self.root_fd).st_mode & stat.S_ISGID
-            os.chmod(rel, (mode & 0o7777) | inherited, dir_fd=self.root_fd)
-            st = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
-            stamps = self._stamps(_parent(rel), rel)
-            return Mkdir(rel, st.st_mode & 0o7777, st.st_uid, st.st_gid, stamps)
-
-        return self._namespace(apply)
-
-    def mknod(self, path: str, mode: int, dev: int) -> int:
-        rel = _rel(path)
-        if stat.S_IFMT(mode) not in (stat.S_IFIFO, stat.S_IFSOCK):
-            raise mfusepy.FuseOSError(errno.EPERM)  # device nodes stay out of replicated dirs
-
-        def apply() -> Op:
-            os.mknod(rel, mode, 0, dir_fd=self.root_fd)
-            uid, gid = self._owner_for(_parent(rel))
-            os.chown(rel, uid, gid, dir_fd=self.root_fd, follow_symlinks=False)
-            os.chmod(rel, mode & 0o7777, dir_fd=self.root_fd)
-            st = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
-            stamps = self._stamps(_parent(rel), rel)
-            return Mknod(rel, st.st_mode, st.st_uid, st.st_gid, stamps)
-
-        return self._namespace(apply)
-
-    def rmdir(self, path: str) -> int:
-        rel = _rel(path)
-
-        def apply() -> Op:
-            os.rmdir(rel, dir_fd=self.root_fd)
-            return Rmdir(rel, self._stamps(_parent(rel)))
-
-        return self._namespace(apply)
-
-    def unlink(self, path: str) -> int:
-        rel = _rel(path)
-
-        def apply() -> Op:
-            os.unlink(rel, dir_fd=self.root_fd)
-            return Unlink(rel, self._stamps(_parent(rel)))
-
-        return self._namespace(apply)
-
-    def rename(self, old: str, new: str) -> int:
-        src, dst = _rel(old), _rel(new)
-
-        def apply() -> Op:
-            os.rename(src, dst, src_dir_fd=self.root_fd, dst_dir_fd=self.root_fd)
-            return Rename(src, dst, self._stamps(_parent(src), _parent(dst)))
-
-        return self._namespace(apply)
-
-    def symlink(self, target: str, source: str) -> int:
-        """mfusepy's naming: create the link ``target`` whose content is ``source``."""
-        rel = _rel(target)
-
-        def apply() -> Op:
-            os.symlink(source, rel, dir_fd=self.root_fd)
-            uid, gid = self._owner_for(_parent(rel))
-            os.chown(rel, uid, gid, dir_fd=self.root_fd, follow_symlinks=False)
-            return Symlink(rel, source, uid, gid, self._stamps(_parent(rel), rel))
-
-        return self._namespace(apply)
-
-    def link(self, target: str, source: str) -> int:
-        """mfusepy's naming: create the hard link ``target`` to the existing ``source``."""
-        src, dst = _rel(source), _rel(target)
-
-        def apply() -> Op:
-            root = self.root_fd
-            os.link(src, dst, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=False)
-            return Link(src, dst, self._stamps(_parent(dst)))
-
-        return self._namespace(apply)
 
     # -- attributes --------------------------------------------------------------
 

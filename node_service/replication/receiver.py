@@ -12,6 +12,12 @@ Three named threads per connection, so that no stage waits for another:
   region record is durable, because from then on only this node remembers
   that the region may not be on disk yet.
 
+For a sync primary the receiving thread applies and acknowledges a small
+read itself when nothing is queued (``inline_apply``): its writer waits for
+exactly that acknowledgement, and two thread hand-offs cost as much as the
+work. Applying and acknowledging are tokens (``applying``, ``acking``), so
+one thread at a time does each and the order stays the sequence order.
+
 An operation that cannot be applied (ENOSPC, EIO, an unknown handle) makes
 this node stale: the reason is persisted in the dirty log (a restart does not
 forget it), an error event is raised, an ERROR frame tells the primary, and
@@ -44,12 +50,20 @@ from node_service.replication.dirty import (
     opening_ahead,
 )
 from node_service.replication.frames import Frame, FrameType
+from node_service.replication.link import Releases
 from node_service.replication.transport import Accepted, Channel
 
 log = logging.getLogger("rampart.replication.receiver")
 
 EventSink = Callable[[str, str], None]  # (severity, message)
 DIRTY_PER_FRAME = 20000  # ~1 MiB of JSON
+# A read of at most this many op bytes (one FUSE write of up to 1 MiB and a
+# few small operations), with nothing queued, is applied and acknowledged by
+# the receiving thread itself when the primary is in sync mode: its writer
+# waits for exactly that acknowledgement, so a thread hand-off here is pure
+# latency. More at once means several writers: the apply thread then lets
+# reading and writing to disk overlap.
+INLINE_APPLY_BYTES = 1024 * 1024 + 64 * 1024
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -59,6 +73,22 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
+def inline_apply(busy: bool, taken: Sequence[object], nbytes: int) -> bool:
+    """Whether the receiving thread applies what it just read itself (pure).
+
+    Only operations (no SCAN or RESYNC marker: those can take long and must
+    keep their place in the apply thread's order), only when nothing is
+    queued or being applied (order), and only small reads (big ones overlap
+    better with the next read in the apply thread).
+    """
+    return (
+        bool(taken)
+        and not busy
+        and nbytes <= INLINE_APPLY_BYTES
+        and all(isinstance(op, ops.Op) for op in taken)
+    )
 
 
 class ApplierLike(Protocol):
@@ -92,6 +122,12 @@ class _Conn:
     ping: bool = False
     error: Frame | None = None
     done: bool = False
+    applying: bool = False  # someone holds the apply token (apply thread or recv inline)
+    acking: bool = False  # someone holds the ack token: the only one writing the channel
+    # Sync primary: apply small reads in the receiving thread. Semi and async
+    # want "received" while the disk works, even a flush of seconds: they
+    # keep the apply thread, and this thread keeps reading and answering.
+    inline: bool = False
     failed: bool = False  # an operation failed on this connection: apply nothing more
     resyncing: bool = False  # between RESYNC_BEGIN and RESYNC_END
     reported: frozenset = frozenset()  # dirty regions sent to the primary for its resync
@@ -129,6 +165,7 @@ class Receiver:
         self._threads: list[threading.Thread] = []
         self._accept_lock = threading.Lock()
         self._stale = dirty_log.stale
+        self._releases = Releases(tracker.release)
 
     # ---- connections -------------------------------------------------------
 
@@ -149,6 +186,7 @@ class Receiver:
             paths=[ops.HandlePaths() for _ in self.dirs],
             queue=collections.deque(),
             applied=collections.deque(),
+            inline=accepted.hello.mode == "sync",
         )
         try:
             accepted.channel.send_frame(
@@ -219,8 +257,10 @@ class Receiver:
                 thread.join(timeout=5)
         if conn is not None:
             self._close_appliers(conn)
+        self._releases.flush()
 
     def _end(self, conn: _Conn, reason: str) -> None:
+        self._releases.flush()
         with self._cond:
             if conn.done:
                 return
@@ -253,6 +293,7 @@ class Receiver:
                 return
             now = time.monotonic()
             if not got:
+                self._releases.flush(now)
                 # The primary pings every third of the timeout: silence means gone.
                 if now - last_rx > 2 * self.timeout:
                     self._end(conn, f"nothing from {self.peer} for {2 * self.timeout:.1f}s")
@@ -264,15 +305,25 @@ class Receiver:
             except (RampartError, ValueError) as exc:
                 self._end(conn, f"bad frame from {self.peer}: {exc}")
                 return
+            taken = [item for item in items if item is not None]
             with self._cond:
+                inline = conn.inline and inline_apply(
+                    conn.applying or bool(conn.queue),
+                    [item[2] for item in taken],
+                    sum(len(frame.payload) for frame in got),
+                )
+                conn.applying = conn.applying or inline
                 for frame, item in zip(got, items, strict=True):
                     if item is None:
                         conn.ping = conn.ping or frame.type == FrameType.PING
                     else:
-                        conn.queue.append(item)
+                        if not inline:
+                            conn.queue.append(item)
                         if frame.type == FrameType.OP:
                             conn.received = item[0]
                 self._cond.notify_all()
+            if inline:
+                self._apply_inline(conn, taken)
 
     def _take(self, conn: _Conn, frame: Frame) -> tuple | None:
         if frame.type == FrameType.PING:
@@ -291,31 +342,65 @@ class Receiver:
         ahead = opening_ahead(self.dirs[index], op)
         return frame.seq, index, op, regions, self.tracker.add(regions, ahead)
 
+    def _apply_inline(self, conn: _Conn, batch: list[tuple]) -> None:
+        """Apply and acknowledge in the receiving thread (apply token held).
+
+        The ack token is taken for the whole of it when free, so the ack
+        thread is not woken for what this thread sends itself.
+        """
+        with self._cond:
+            own = not conn.acking and not conn.done
+            conn.acking = conn.acking or own
+        try:
+            self._apply_batch(conn, batch, notify=not own)
+        except BaseException:
+            with self._cond:
+                conn.applying = False
+                conn.acking = conn.acking and not own
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            conn.applying = False
+            if not own:
+                self._cond.notify_all()
+        if own:
+            self._send_acks(conn)  # gives the ack token back
+
     def _apply_loop(self, conn: _Conn) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: conn.queue or conn.done)
+                self._cond.wait_for(lambda: not conn.applying and (conn.queue or conn.done))
                 if conn.done:
                     self._abandon(conn)
                     return
                 batch = list(conn.queue)
                 conn.queue.clear()
-            for seq, index, op, regions, epoch in batch:
-                if isinstance(op, Frame):
-                    self._control(conn, op)
-                    continue
-                skip = conn.done or conn.failed
-                if skip or (self._stale is not None and not conn.resyncing):
-                    self.tracker.keep(regions)
-                    continue
-                try:
-                    conn.appliers[index].apply(op)
-                except ops.SecondaryApplyError as exc:
-                    self.tracker.keep(regions)
-                    self._go_stale(conn, seq, exc.errno or 0, str(exc))
-                    continue
+                conn.applying = True
+            try:
+                self._apply_batch(conn, batch)
+            finally:
                 with self._cond:
-                    conn.applied.append((seq, regions, epoch))
+                    conn.applying = False
+                    self._cond.notify_all()
+
+    def _apply_batch(self, conn: _Conn, batch: list[tuple], *, notify: bool = True) -> None:
+        for seq, index, op, regions, epoch in batch:
+            if isinstance(op, Frame):
+                self._control(conn, op)
+                continue
+            skip = conn.done or conn.failed
+            if skip or (self._stale is not None and not conn.resyncing):
+                self.tracker.keep(regions)
+                continue
+            try:
+                conn.appliers[index].apply(op)
+            except ops.SecondaryApplyError as exc:
+                self.tracker.keep(regions)
+                self._go_stale(conn, seq, exc.errno or 0, str(exc))
+                continue
+            with self._cond:
+                conn.applied.append((seq, regions, epoch))
+                if notify:
                     self._cond.notify_all()
 
     def _abandon(self, conn: _Conn) -> None:
@@ -411,47 +496,64 @@ class Receiver:
     def _ack_loop(self, conn: _Conn) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: conn.done or self._ack_due(conn))
+                self._cond.wait_for(lambda: conn.done or (not conn.acking and self._ack_due(conn)))
                 if conn.done:
                     return
-                received = conn.received
-                applied = list(conn.applied)
-                ping, conn.ping = conn.ping, False
-                error, conn.error = conn.error, None
-                extra, conn.outbox = conn.outbox, []
-            written = conn.written
-            try:
-                if applied:
-                    # Only this node remembers these regions once the primary
-                    # hears "written": the records must be on disk first.
-                    self.tracker.wait_durable(max(a[2] for a in applied), 30.0)
-                    written = applied[-1][0]
-                out = []
-                if received > conn.sent_received:
-                    out.append(frames.encode(Frame(FrameType.ACK_RECEIVED, received)))
-                if written > conn.sent_written or ping:
-                    out.append(frames.encode(Frame(FrameType.ACK_WRITTEN, max(written, 0))))
-                out.extend(frames.encode(f) for f in extra)
-                if error is not None:
-                    out.append(frames.encode(error))
-                if out:
-                    conn.channel.send(*out)
-            except (RetryableError, DirtyLogError) as exc:
-                self._end(conn, str(exc))
+                conn.acking = True
+            if not self._send_acks(conn):
                 return
-            for _seq, regions, _epoch in applied:
-                self.tracker.release(regions)
+
+    def _send_acks(self, conn: _Conn) -> bool:
+        """With the ack token: send what is due, give the token back; False: connection over."""
+        try:
+            return self._send_due(conn)
+        finally:
             with self._cond:
-                for _ in applied:
-                    if conn.applied:  # _abandon may have taken them meanwhile
-                        conn.applied.popleft()
-                conn.sent_received = max(conn.sent_received, received)
-                conn.written = max(conn.written, written)
-                conn.sent_written = max(conn.sent_written, written)
+                conn.acking = False
                 self._cond.notify_all()
+
+    def _send_due(self, conn: _Conn) -> bool:
+        with self._cond:
+            received = conn.received
+            applied = list(conn.applied)
+            ping, conn.ping = conn.ping, False
+            error, conn.error = conn.error, None
+            extra, conn.outbox = conn.outbox, []
+        written = conn.written
+        try:
+            if applied:
+                # Only this node remembers these regions once the primary
+                # hears "written": the records must be on disk first.
+                self.tracker.wait_durable(max(a[2] for a in applied), 30.0)
+                written = applied[-1][0]
+            out = []
+            if received > conn.sent_received:
+                out.append(frames.encode(Frame(FrameType.ACK_RECEIVED, received)))
+            if written > conn.sent_written or ping:
+                out.append(frames.encode(Frame(FrameType.ACK_WRITTEN, max(written, 0))))
+            out.extend(frames.encode(f) for f in extra)
             if error is not None:
-                self._end(conn, "stale: stopped applying")
-                return
+                out.append(frames.encode(error))
+            if out:
+                conn.channel.send(*out)
+        except (RetryableError, DirtyLogError) as exc:
+            self._end(conn, str(exc))
+            return False
+        now = time.monotonic()
+        for _seq, regions, _epoch in applied:
+            self._releases.add(regions, now)
+        with self._cond:
+            for _ in applied:
+                if conn.applied:  # _abandon may have taken them meanwhile
+                    conn.applied.popleft()
+            conn.sent_received = max(conn.sent_received, received)
+            conn.written = max(conn.written, written)
+            conn.sent_written = max(conn.sent_written, written)
+            self._cond.notify_all()
+        if error is not None:
+            self._end(conn, "stale: stopped applying")
+            return False
+        return True
 
     @staticmethod
     def _ack_due(conn: _Conn) -> bool:

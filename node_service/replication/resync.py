@@ -11,13 +11,21 @@ A pass runs on the primary while the application keeps writing:
    first) and create what it lacks; then re-open on the secondary the files
    the application holds open. From here on every application operation
    applies cleanly on the secondary.
-2. data phase, file by file: SCAN with blake2b hashes of the blocks that may
-   differ (the dirty ones, every block of a created file, the blocks the
-   held-open files were written while waiting), compare, and send again only
-   the differing 64 KiB blocks, reading them while holding the file's inode
-   lock: each application write to the file lands either before our read
-   (and is in what we send) or after our submit (and its own operation
-   follows ours on the secondary), so concurrent writes end up correct.
+2. data phase, file by file. What must go is planned first: a file this
+   pass created on the secondary is empty there, so all of it goes without
+   comparing anything; data blocks this primary recorded in runs of at least
+   ``KNOWN_RUN`` (a stream rewrote them while the peer was away) go without
+   comparing too; every other candidate block (the secondary's own in-flight
+   regions, short runs such as random writes, blocks the held-open files
+   were written while waiting, a full sync) is compared by blake2b digests
+   per 4 KiB sub-block (SCAN), and only the differing sub-blocks go. Sending
+   a block without comparing is always correct (it is the primary's content
+   under the lock), comparing only saves bytes. Per file: its size first,
+   then the data in pieces of at most 1 MiB, each read and submitted while
+   holding the file's inode lock: each application write to the file lands
+   either before our read (and is in what we send) or after our submit (and
+   its own operation follows ours on the secondary), so concurrent writes
+   end up correct.
 3. fix attributes and directory times, RESYNC_END; once everything is
    acknowledged as written both sides forget the pass's regions and the
    secondary clears its 'stale' flag.
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import stat
 import threading
@@ -46,7 +55,18 @@ from node_service.replication.sender import Link, Sender
 from node_service.replication.transport import PeerGone
 from node_service.replication.verify import DIR, FILE, OTHER, SYMLINK, Difference
 
+log = logging.getLogger("rampart.replication.resync")
+
 REGION = ops.REGION_SIZE
+CHUNK = 1024 * 1024  # one Write op, as large as the FUSE layer's own (max_write)
+# This many consecutive data regions (2 MiB) recorded by the primary itself
+# mean a stream rewrote them: comparing would read and hash both sides for
+# nothing. Shorter runs are compared by sub-block: random writes, the ends of
+# a stream, and the tracker's look-ahead (a write to a new region records the
+# next 15 too, forgotten a second later if unused: a run of 16 is no proof).
+KNOWN_RUN = 32
+# What a path not described in the namespace phase is taken for (a held-open file)
+FILE_ENTRY = verify.Entry("", FILE, 0, 0, 0, 0, 0)
 # Handles of resync opens, far above the FUSE layer's counter so they never clash.
 RESYNC_HANDLES = itertools.count(2**62)
 
@@ -113,6 +133,71 @@ def merge_want(a: dict[str, list[int] | None], b: dict[str, list[int] | None]):
     return out
 
 
+def split_known(
+    blocks: Iterable[int], ours: Iterable[int], run: int = KNOWN_RUN
+) -> tuple[list[int], list[int]]:
+    """(blocks to send without comparing, blocks to compare) of one file (pure).
+
+    ``ours``: the file's data regions this primary recorded; a block lying in a
+    run of at least ``run`` consecutive ones of them was rewritten here.
+    """
+    mine = sorted(set(ours))
+    known: set[int] = set()
+    start = 0
+    for k in range(1, len(mine) + 1):
+        if k == len(mine) or mine[k] != mine[k - 1] + 1:
+            if k - start >= run:
+                known.update(mine[start:k])
+            start = k
+    wanted_blocks = sorted(set(blocks) | known)
+    return [i for i in wanted_blocks if i in known], [i for i in wanted_blocks if i not in known]
+
+
+def block_ranges(blocks: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """(offset, length) byte ranges of data blocks, adjacent ones joined (pure)."""
+    out: list[list[int]] = []
+    for i in sorted(set(blocks)):
+        if out and out[-1][0] + out[-1][1] == i * REGION:
+            out[-1][1] += REGION
+        else:
+            out.append([i * REGION, REGION])
+    return tuple((start, length) for start, length in out)
+
+
+def join_ranges(*parts: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The union of byte ranges, sorted, overlapping and adjacent ones joined (pure)."""
+    out: list[list[int]] = []
+    for start, length in sorted(r for part in parts for r in part):
+        if out and start <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], start + length - out[-1][0])
+        else:
+            out.append([start, length])
+    return tuple((start, length) for start, length in out)
+
+
+def pieces(ranges: Iterable[tuple[int, int]], chunk: int = CHUNK) -> Iterable[tuple[int, int]]:
+    """The ranges cut into reads of at most ``chunk`` bytes (pure)."""
+    for start, length in ranges:
+        for at in range(start, start + length, chunk):
+            yield at, min(chunk, start + length - at)
+
+
+def expand(want: Mapping[str, list[int] | None], files: Mapping[str, int]):
+    """The data phase's want: a path wanted whole (its entry changed, or a
+    directory's subtree) becomes every block of every file at or under it (pure).
+
+    ``files``: the primary's files among the paths compared, with their sizes.
+    """
+    out = {path: blocks for path, blocks in want.items() if blocks is not None}
+    whole = {path for path, blocks in want.items() if blocks is None}
+    for path, size in files.items():
+        parts = path.split("/")
+        if "" in whole or any("/".join(parts[:k]) in whole for k in range(1, len(parts) + 1)):
+            everything = range((size + REGION - 1) // REGION)
+            out[path] = sorted(set(out.get(path) or ()) | set(everything))
+    return out
+
+
 def repair_order(diffs: Sequence[Difference], theirs: Mapping[str, object]) -> tuple[list, list]:
     """(paths to remove on the secondary, children first; paths to create, parents first)."""
     removals = [d.path for d in diffs if d.what == "extra"]
@@ -144,6 +229,7 @@ class Resync:
             self.orderings = [ordering] * len(roots)
         self.timeout = timeout
         self.running = False
+        self.compare_seconds = 0.0  # of the last pass: SCANs with digests, both sides
         # bytes of differing blocks not sent yet (rampart state's resync_remaining_bytes)
         self.remaining_bytes = 0
 
@@ -154,6 +240,7 @@ class Resync:
         start, or a crash: see dirty.py), else a resync of the dirty regions.
         """
         self.running = True
+        self.compare_seconds = 0.0
         try:
             return self._run(connect, full)
         finally:
@@ -164,6 +251,8 @@ class Resync:
         started = time.monotonic()
         before = self.sender.stats().resent_bytes
         data_want: list[dict[str, list[int] | None]] = []
+        fresh: list[set[str]] = []
+        seen: list[dict[str, verify.Entry]] = []
         with contextlib.ExitStack() as held:
             for ordering in _distinct(self.orderings):
                 held.enter_context(ordering.namespace())
@@ -175,23 +264,35 @@ class Resync:
             theirs_dirty: frozenset[DirtyRegion] = frozenset()
             for chunk in self.sender.request(Frame(FrameType.DIRTY_REQUEST, 0), self.timeout):
                 theirs_dirty |= decode_regions(chunk)
-            union = self.sender.tracker.recorded() | theirs_dirty
+            ours = self.sender.tracker.recorded()
+            union = ours | theirs_dirty
             count = 0
             for index, dir in enumerate(self.sender.dirs):
                 want = None if full else wanted(union, dir)
-                created, n = self._namespace(index, want) if want != {} else ({}, 0)
+                created, mine, n = self._namespace(index, want) if want != {} else (set(), {}, 0)
                 count += n
-                data_want.append(created if want is None else merge_want(want, created))
+                fresh.append(created)
+                seen.append(mine)
+                data_want.append({} if want is None else want)
             missed = self.sender.reopen_pending()
+        namespace_s = time.monotonic() - started
         settled = set(union)
         for index, dir in enumerate(self.sender.dirs):
             extra = missed.get(index, set())
             settled |= extra
+            files = {p: e.size for p, e in seen[index].items() if e.kind == FILE}
             want = merge_want(data_want[index], wanted(extra, dir))
-            if full:
-                want = None  # every block of every file
-            if want != {}:
-                count += self._data(index, want)
+            # only files carry data; the namespace phase did the rest's attributes
+            want = {
+                p: b
+                for p, b in expand(want, files).items()
+                if seen[index].get(p, FILE_ENTRY).kind == FILE
+            }
+            if full:  # every file, every block
+                want = dict.fromkeys(files)
+            known = {} if full else _data_regions(ours, dir)
+            count += self._data(index, want, fresh[index], known)
+        data_s = time.monotonic() - started - namespace_s
         # answered once the secondary applied everything before it and settled
         self.sender.request(Frame(FrameType.RESYNC_END, 0), self.timeout)
         if not self.sender.drain(self.timeout) or self.sender.link != Link.CONNECTED:
@@ -199,13 +300,23 @@ class Resync:
         if self.sender.settle_if_connected(settled):
             self.sender.tracker.history_known = True
         resent = self.sender.stats().resent_bytes - before
+        seconds = time.monotonic() - started
         kind = "full sync" if full else f"resync of {len(union)} dirty regions"
+        log.info(
+            "%s: namespace %.1f s, data %.1f s (compare %.1f s), end %.1f s, %d bytes sent",
+            kind,
+            namespace_s,
+            data_s,
+            self.compare_seconds,
+            seconds - namespace_s - data_s,
+            resent,
+        )
         return ResyncResult(
             full=full,
             regions=0 if full else len(union),
             differences=count,
             bytes_resent=resent,
-            seconds=time.monotonic() - started,
+            seconds=seconds,
             reason=f"{kind}: {count} differences repaired, {resent} bytes sent again",
         )
 
@@ -224,14 +335,18 @@ class Resync:
         mine = verify.scan(self.roots[index], want, hashes=hashes)
         return verify.diff(mine, theirs), mine, theirs
 
-    def _namespace(self, index: int, want) -> tuple[dict[str, list[int] | None], int]:
-        """Remove and create entries (namespace lock held); return files needing data."""
+    def _namespace(self, index: int, want) -> tuple[set[str], dict[str, verify.Entry], int]:
+        """Remove and create entries (namespace lock held).
+
+        Returns the files created, the primary's entries of the paths compared,
+        and the number of differences.
+        """
         diffs, mine, theirs = self._compare(index, want, hashes=False)
         removals, creations = repair_order(diffs, theirs)
         submit = self._submitter(index)
         for path in removals:
             submit(ops.Rmdir(path) if theirs[path].kind == DIR else ops.Unlink(path))
-        needs_data: dict[str, list[int] | None] = {}
+        created: set[str] = set()
         for path in creations:
             e = mine[path]
             stamps = (ops.Stamp(path, e.mtime_ns),)
@@ -245,7 +360,7 @@ class Resync:
                 handle = next(RESYNC_HANDLES)
                 submit(ops.Open(handle, path, os.O_WRONLY, e.mode, e.uid, e.gid, True, ()))
                 submit(ops.Release(handle))
-                needs_data[path] = None
+                created.add(path)
         # attributes of entries that exist on both sides, and every directory time
         for d in diffs:
             if d.what in ("meta", "content") and mine[d.path].kind != FILE:
@@ -254,21 +369,83 @@ class Resync:
         dirs |= {p for p in creations if mine[p].kind == DIR}
         for path in sorted(dirs, reverse=True):
             self._attributes(index, path)
-        return needs_data, len(diffs)
+        return created, mine, len(diffs)
 
-    def _data(self, index: int, want) -> int:
+    def _data(
+        self,
+        index: int,
+        want: dict[str, list[int] | None],
+        fresh: set[str],
+        known: Mapping[str, set[int]],
+    ) -> int:
+        """Send every file's differing data and attributes; return how many files."""
+        # None: the whole file. A file this pass created is empty on the
+        # secondary: there is nothing to compare it with.
+        plans: dict[str, tuple[tuple[int, int], ...] | None] = dict.fromkeys(fresh)
+        compare: dict[str, list[int] | None] = {}
+        for path, blocks in want.items():
+            if path in fresh:
+                continue
+            if blocks is None:  # full sync: compared whole first, then by sub-block
+                compare[path] = None
+                continue
+            direct, rest = split_known(blocks, known.get(path, ()))
+            if direct:
+                plans[path] = block_ranges(direct)
+            if rest or not direct:
+                compare[path] = [verify.sub_block(i) for i in rest]
+        if compare != {}:
+            for path, ranges in self._differing(index, compare, fresh).items():
+                if ranges is None or plans.get(path, ()) is None:
+                    plans[path] = None
+                else:
+                    plans[path] = join_ranges(plans.get(path, ()), ranges)
+        self.remaining_bytes += sum(self._planned_bytes(index, p, r) for p, r in plans.items())
+        for path in sorted(plans):
+            self._file(index, path, plans[path])
+        return len(plans)
+
+    def _differing(
+        self, index: int, want, fresh: set[str]
+    ) -> dict[str, tuple[tuple[int, int], ...] | None]:
+        """Files whose data or attributes differ, and the byte ranges to send (None: all).
+
+        Blocks first compared whole (a full sync, a changed entry) are compared
+        again by sub-block, so only the differing 4 KiB go.
+        """
+        began = time.monotonic()
         diffs, mine, _theirs = self._compare(index, want, hashes=True)
-        self.remaining_bytes += sum(len(d.blocks) * REGION for d in diffs)
-        count = 0
+        out: dict[str, tuple[tuple[int, int], ...] | None] = {}
+        coarse: dict[str, list[int]] = {}
         for d in diffs:
             entry = mine.get(d.path)
-            if entry is None or entry.kind != FILE or d.what not in ("content", "meta", "missing"):
+            if entry is None or entry.kind != FILE or d.what == "extra" or d.path in fresh:
                 continue
-            count += 1
-            self._file(index, d.path, d.blocks)
-        return count
+            if d.what in ("missing", "kind"):
+                out[d.path] = None  # nothing of it there: all of it
+                continue
+            out[d.path] = d.ranges
+            named = None if want is None else want.get(d.path)
+            if d.blocks and (named is None or not all(i >= verify.SUB_BLOCKS for i in named)):
+                coarse[d.path] = [verify.sub_block(i) for i in d.blocks]
+        if coarse:
+            finer, _mine, _theirs = self._compare(index, coarse, hashes=True)
+            ranges = {d.path: d.ranges for d in finer}
+            for path in coarse:
+                out[path] = ranges.get(path, ())
+        self.compare_seconds += time.monotonic() - began
+        return out
 
-    def _file(self, index: int, path: str, blocks: Iterable[int]) -> None:
+    def _planned_bytes(self, index: int, path: str, ranges) -> int:
+        if ranges is not None:
+            return sum(length for _, length in ranges)
+        try:
+            return os.stat(path, dir_fd=self.roots[index], follow_symlinks=False).st_size
+        except OSError:
+            return 0
+
+    def _file(self, index: int, path: str, ranges: tuple[tuple[int, int], ...] | None) -> None:
+        """Send ``ranges`` of the file (None: all of it), then its size and attributes."""
         root = self.roots[index]
         submit = self._submitter(index)
         handle = next(RESYNC_HANDLES)
@@ -282,13 +459,24 @@ class Resync:
                 os.close(fd)
                 return
             submit(ops.Open(handle, path, os.O_WRONLY, 0, -1, -1, False, ()))
+        lock = self.orderings[index].inode(st.st_ino)
         try:
-            with self.orderings[index].inode(st.st_ino):
-                for i in blocks:
-                    data = os.pread(fd, REGION, i * REGION)
+            with lock:
+                # Same size on both sides from here on: an application truncate
+                # or extension that follows applies alike to both.
+                now = os.fstat(fd)
+                submit(ops.Truncate(handle, "", now.st_size, now.st_mtime_ns))
+            # Bounded by the size seen at the start: whatever the application
+            # writes beyond it goes to the secondary as its own operations.
+            for at, length in pieces(((0, now.st_size),) if ranges is None else ranges):
+                # The lock per piece, not per file: the application waits at most
+                # one 1 MiB read and submit, and a piece read under it is exact.
+                with lock:
+                    data = os.pread(fd, length, at)
                     if data:
-                        submit(ops.Write(handle, i * REGION, st.st_mtime_ns, data))
-                    self.remaining_bytes = max(0, self.remaining_bytes - REGION)
+                        submit(ops.Write(handle, at, now.st_mtime_ns, data))
+                self.remaining_bytes = max(0, self.remaining_bytes - length)
+            with lock:
                 now = os.fstat(fd)
                 submit(ops.Truncate(handle, "", now.st_size, now.st_mtime_ns))
                 submit(ops.Chown(handle, "", now.st_uid, now.st_gid))
@@ -310,3 +498,12 @@ class Resync:
 
     def _submitter(self, index: int) -> Callable[[ops.Op], object]:
         return lambda op: self.sender.submit(index, op, resync=True)
+
+
+def _data_regions(regions: Iterable[DirtyRegion], dir: str) -> dict[str, set[int]]:
+    """Data region indexes per path of one dir (pure)."""
+    out: dict[str, set[int]] = {}
+    for r in regions:
+        if r.dir == dir and r.index >= 0:
+            out.setdefault(r.path, set()).add(r.index)
+    return out

@@ -4,9 +4,11 @@ The FUSE layer calls ``submit(op)`` under its ordering locks and ``wait``
 outside them (the ``ops.Replicator`` protocol, one ``DirReplicator`` per
 replicated directory). ``submit`` is cheap: it numbers the operation, notes
 its dirty regions (the commit is grouped and done by the tracker's thread)
-and queues the frame. A writer thread sends frames as soon as their region
-records are durable, many in flight at once; a reader thread takes the
-cumulative acknowledgements and wakes every waiter up to that sequence.
+and queues the frame. Frames leave as soon as their region records are
+durable, many in flight at once, sent by the waiting application thread
+itself or by a writer thread; cumulative acknowledgements are read by a
+waiting application thread or by a reader thread, which wakes every waiter
+up to that sequence (who does what: sender_stream.py).
 
 Modes: ``sync`` waits for ACK_WRITTEN (the secondary applied it; an Fsync
 was fsynced there), ``semi`` for ACK_RECEIVED, ``async`` only for the region
@@ -37,7 +39,6 @@ from node_service.errors import RetryableError
 from node_service.replication import frames, ops
 from node_service.replication.dirty import (
     PRIMARY_ROLE,
-    DirtyLogError,
     DirtyTracker,
     dirty_regions,
     opening_ahead,
@@ -46,6 +47,7 @@ from node_service.replication.frames import Frame, FrameType
 from node_service.replication.link import (
     Link,
     Mode,
+    Releases,
     SenderStats,
     Ticket,
     parse_mode,
@@ -53,6 +55,7 @@ from node_service.replication.link import (
     replication_status,
     state_fields,
 )
+from node_service.replication.sender_stream import QueueItem, SenderStream
 from node_service.replication.transport import Channel, PeerGone, connect
 
 log = logging.getLogger("rampart.replication.sender")
@@ -70,12 +73,13 @@ __all__ = [
 ]
 
 DEFAULT_MAX_LAG_BYTES = 64 * 1024 * 1024
-SEND_BATCH_BYTES = 4 * 1024 * 1024
+# Records the FUSE layer does not wait for right after submitting them
+UNWAITED = (ops.Release, ops.Fsync)
 
 EventSink = Callable[[str, str], None]  # (severity, message)
 
 
-class Sender:
+class Sender(SenderStream):
     """One module's replication stream to its secondary."""
 
     def __init__(
@@ -101,7 +105,17 @@ class Sender:
         self.timeout = timeout
         self.max_lag_bytes = max_lag_bytes
         self._on_event = on_event or (lambda severity, message: None)
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # The acks thread sleeps here while application threads read their own
+        # acknowledgements; a separate condition, so the many notify_all of
+        # _cond (every submit, every ack) do not wake it.
+        self._aside = threading.Condition(lock)
+        # The send thread sleeps here: woken only for frames no waiting
+        # application thread will send itself (async, Release, resync, requests).
+        self._tx = threading.Condition(lock)
+        self._reader: str | None = None  # who reads the channel now: "acks" or "waiter"
+        self._waiters = 0  # application threads in wait() for an acknowledgement
         self._paths = [ops.HandlePaths() for _ in dirs]
         self._opens: dict[tuple[int, int], ops.Open] = {}
         self._orphans: set[tuple[int, int]] = set()
@@ -115,7 +129,11 @@ class Sender:
         self._received = 0
         self._written = 0
         # (frame type, seq, record epoch, payload) in the order they must leave
-        self._queue: collections.deque[tuple[FrameType, int, int, bytes]] = collections.deque()
+        self._queue: collections.deque[QueueItem] = collections.deque()
+        # Whoever pops frames off the queue holds this token until they are
+        # sent: the writer thread, or a waiting application thread that sends
+        # its own frame (the common case of one writer: no thread hand-off).
+        self._sending = False
         self._requests = 0
         self._replies: dict[int, list[bytes]] = {}
         self._answered: set[int] = set()
@@ -125,6 +143,7 @@ class Sender:
         self._ops = self._bytes_sent = self._acks = self._resent = self._acked_bytes = 0
         self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
         self._threads: list[threading.Thread] = []
+        self._releases = Releases(tracker.release)
 
     # ---- connection --------------------------------------------------------
 
@@ -154,7 +173,7 @@ class Sender:
         try:
             channel = connect(address, ctx, self.peer, self.timeout)
             try:
-                channel.send_frame(frames.hello(self.module, self.node, generation))
+                channel.send_frame(frames.hello(self.module, self.node, generation, str(self.mode)))
                 reply = channel.read_frame(self.timeout)
                 if reply.type == FrameType.ERROR:
                     raise PeerGone(f"{self.peer} refused: {frames.parse_error(reply).message}")
@@ -196,6 +215,7 @@ class Sender:
             # Under the same lock hold as CONNECTED: no application operation
             # can slip in front of the re-opens it depends on.
             self._reopen_handles(defer=resync)
+            self._tx.notify()
         for target, role in ((self._write_loop, "send"), (self._read_loop, "acks")):
             thread = threading.Thread(
                 target=target, args=(channel,), name=f"repl-tx-{role}-{self.module}", daemon=True
@@ -243,6 +263,7 @@ class Sender:
                 else:
                     self._reopen(index, op, path)
             missed, self._missed = self._missed, collections.defaultdict(set)
+            self._tx.notify()
             return dict(missed)
 
     # ---- the Replicator side -----------------------------------------------
@@ -279,7 +300,10 @@ class Sender:
             self._ops += 1
             if resync:
                 self._resent += size
-            self._cond.notify_all()
+            if self.mode == Mode.ASYNC or resync or isinstance(op, UNWAITED):
+                # nobody waits for it at once: the send thread sends it (an
+                # Fsync is submitted before the local fsync, to overlap both)
+                self._tx.notify()
             return Ticket(seq, epoch)
 
     def wait(self, ticket: Ticket) -> None:
@@ -287,21 +311,14 @@ class Sender:
         self.tracker.wait_durable(ticket.epoch, max(self.timeout, 30.0))
         if ticket.seq == 0 or self.mode == Mode.ASYNC:
             return
-        with self._cond:
-            done = self._cond.wait_for(
-                lambda: self._acked() >= ticket.seq or self._link != Link.CONNECTED,
-                self.timeout,
-            )
-            if not done:
-                self._go_locked(
-                    Link.ABSENT,
-                    f"{self.peer} did not acknowledge operation {ticket.seq} "
-                    f"within {self.timeout:.1f}s",
-                )
+        self._send_own(ticket.seq)
+        self._await_ack(ticket.seq)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything sent is written on the peer (or the link is down)."""
         with self._cond:
+            self._tx.notify()
+            self._wake_reader()
             return self._cond.wait_for(
                 lambda: self._written >= self._seq or self._link != Link.CONNECTED,
                 timeout if timeout is not None else self.timeout,
@@ -322,7 +339,8 @@ class Sender:
             rid = self._requests
             self._replies[rid] = []
             self._queue.append((frame.type, rid, 0, frame.payload))
-            self._cond.notify_all()
+            self._tx.notify()
+            self._wake_reader()
             try:
                 self._cond.wait_for(
                     lambda: rid in self._answered or self._link != Link.CONNECTED, timeout
@@ -344,17 +362,6 @@ class Sender:
             self.tracker.settle(regions)
             return True
 
-    def _live(self, channel: Channel) -> bool:
-        return self._channel is channel and self._link == Link.CONNECTED
-
-    def _lose(self, channel: Channel, reason: str) -> None:
-        with self._cond:
-            if self._live(channel):
-                self._go_locked(Link.ABSENT, reason)
-
-    def _acked(self) -> int:
-        return self._written if self.mode == Mode.SYNC else self._received
-
     def _wait_for_room(self, size: int) -> None:
         deadline = time.monotonic() + self.timeout
         while self._link == Link.CONNECTED and self._lag_bytes + size > self.max_lag_bytes:
@@ -362,6 +369,7 @@ class Sender:
             # A single operation larger than the bound goes alone.
             if self._lag_bytes == 0:
                 return
+            self._wake_reader()
             if left <= 0:
                 self._go_locked(
                     Link.ABSENT,
@@ -425,6 +433,7 @@ class Sender:
             return  # stale says more: only a resync helps, not just a reconnect
         was = self._link
         self._link, self._reason = link, reason
+        self._releases.flush()  # acknowledged before the change: theirs to forget
         kept = 0
         for regions, _size in self._inflight.values():
             self.tracker.keep(regions)
@@ -433,6 +442,8 @@ class Sender:
         self._queue.clear()
         self._lag_bytes = 0
         self._cond.notify_all()
+        self._aside.notify_all()
+        self._tx.notify_all()
         if self._channel is not None:
             self._channel.close()
         if link == Link.CLOSED:
@@ -444,99 +455,6 @@ class Sender:
             f"{kept} operations in flight kept as dirty regions for resync",
         )
         log.warning("%s -> %s (%s)", was, link, reason)
-
-    # ---- threads -------------------------------------------------------------
-
-    def _write_loop(self, channel: Channel) -> None:
-        ping_every = max(self.timeout / 3, 0.05)
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or not self._live(channel), ping_every)
-                if not self._live(channel):
-                    return
-                batch = []
-                size = 0
-                while self._queue and size < SEND_BATCH_BYTES:
-                    item = self._queue.popleft()
-                    batch.append(item)
-                    size += len(item[3])
-            try:
-                if not batch:
-                    channel.send_frame(Frame(FrameType.PING, 0))
-                    continue
-                # Recorded before the data leaves: the grouped commit covering
-                # every frame of the batch is awaited first.
-                self.tracker.wait_durable(max(b[2] for b in batch), max(self.timeout, 30.0))
-                chunks = []
-                for ftype, seq, _epoch, payload in batch:
-                    chunks.append(frames.encode_header(ftype, seq, len(payload)))
-                    chunks.append(payload)
-                channel.send(*chunks)
-            except (RetryableError, DirtyLogError) as exc:
-                self._lose(channel, str(exc))
-                return
-            with self._cond:
-                self._bytes_sent += size
-
-    def _read_loop(self, channel: Channel) -> None:
-        poll = max(min(self.timeout / 4, 0.25), 0.01)
-        while True:
-            try:
-                got = channel.read_frames(poll)
-            except RetryableError as exc:
-                self._lose(channel, str(exc))
-                return
-            if got is None:
-                self._lose(channel, f"{self.peer} closed the replication connection")
-                return
-            with self._cond:
-                if not self._live(channel):
-                    return
-                now = time.monotonic()
-                if got:
-                    self._last_rx = now
-                try:
-                    for frame in got:
-                        self._take_locked(frame, now)
-                except RetryableError as exc:
-                    self._go_locked(Link.ABSENT, f"bad frame from {self.peer}: {exc}")
-                    return
-                if self._link == Link.CONNECTED and now - self._last_rx > self.timeout:
-                    self._go_locked(
-                        Link.ABSENT, f"no answer from {self.peer} for {self.timeout:.1f}s"
-                    )
-
-    def _take_locked(self, frame: Frame, now: float) -> None:
-        if frame.type == FrameType.ACK_RECEIVED:
-            self._received = max(self._received, frame.seq)
-        elif frame.type == FrameType.ACK_WRITTEN:
-            self._written = max(self._written, frame.seq)
-            self._received = max(self._received, frame.seq)
-            while self._inflight:
-                seq = next(iter(self._inflight))
-                if seq > frame.seq:
-                    break
-                regions, size = self._inflight.pop(seq)
-                self.tracker.release(regions)
-                self._lag_bytes -= size
-                self._acked_bytes += size
-            self._samples.append((now, self._acked_bytes))
-        elif frame.type in (FrameType.DIRTY, FrameType.MANIFEST):
-            if frame.seq in self._replies:
-                self._replies[frame.seq].append(frame.payload)
-        elif frame.type == FrameType.REPLY_END:
-            self._answered.add(frame.seq)
-        elif frame.type == FrameType.ERROR:
-            err = frames.parse_error(frame)
-            self._go_locked(
-                Link.STALE, f"{self.peer} failed at operation {frame.seq}: {err.message}"
-            )
-            return
-        else:
-            self._go_locked(Link.ABSENT, f"unexpected {frame.type.name} frame from {self.peer}")
-            return
-        self._acks += 1
-        self._cond.notify_all()
 
 
 class DirReplicator:

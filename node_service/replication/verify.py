@@ -7,6 +7,13 @@ blocks. ``diff`` (pure) compares the primary's manifest with the
 secondary's and says, per path, what differs; ``rampart repl verify`` lists
 those paths, and resync repairs exactly those blocks and attributes.
 
+A block asked for as ``sub_block(i)`` is described finer: its digest is the
+concatenation of one digest per 4 KiB sub-block (``SUB_BLOCK``), so a resync
+sends again only the sub-blocks that differ (a random 4 KiB write costs 4 KiB,
+not the 64 KiB region the dirty log names). A peer that does not know the
+marker leaves such blocks out of its answer: they count as differing and go
+whole, which costs bytes, never correctness.
+
 Scanning never follows a symlink and never leaves the tree: directories are
 opened one component at a time with O_NOFOLLOW relative to the tree's
 descriptor. Access times are ignored (reading changes them); directory
@@ -27,7 +34,12 @@ from node_service.errors import RetryableError
 from node_service.replication.ops import REGION_SIZE
 
 DIGEST_BYTES = 16
-BLOCKS_PER_ROW = 20000  # ~1 MiB of JSON per row
+DIGEST_HEX = 2 * DIGEST_BYTES
+SUB_BLOCK = 4096
+# Wanted block numbers at or above this ask for sub-block digests of block
+# (n - SUB_BLOCKS); far above any real block index (2**40 blocks of 64 KiB).
+SUB_BLOCKS = 1 << 40
+ROW_BYTES = 1024 * 1024  # ~1 MiB of JSON per manifest row
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -49,12 +61,17 @@ class Entry:
 
 @dataclass(frozen=True)
 class Difference:
-    """How ``path`` differs; ``blocks`` lists the data blocks to send again."""
+    """How ``path`` differs; ``blocks`` lists the data blocks to send again.
+
+    ``ranges``: (offset, length) byte ranges to send again, sub-block exact
+    where both sides described a block by sub-blocks, else whole blocks.
+    """
 
     path: str
     what: str  # missing | extra | kind | content | meta
     detail: str
     blocks: tuple[int, ...] = ()
+    ranges: tuple[tuple[int, int], ...] = ()
 
 
 # ---- scanning (reads the tree) -------------------------------------------------
@@ -162,13 +179,30 @@ def _describe(root_fd: int, path: str, blocks: set[int] | None) -> Entry | None:
         os.close(parent)
 
 
+def sub_block(index: int) -> int:
+    """The wanted-block number asking for block ``index`` by 4 KiB sub-blocks."""
+    return SUB_BLOCKS + index
+
+
 def hash_blocks(fd: int, size: int, blocks: set[int] | None) -> tuple[tuple[int, str], ...]:
     count = (size + REGION_SIZE - 1) // REGION_SIZE
-    indexes = range(count) if blocks is None else sorted(i for i in blocks if 0 <= i < count)
+    if blocks is None:
+        indexes: Iterable[tuple[int, bool]] = ((i, False) for i in range(count))
+    else:
+        split = {(i - SUB_BLOCKS, True) if i >= SUB_BLOCKS else (i, False) for i in blocks}
+        indexes = sorted((i, fine) for i, fine in split if 0 <= i < count)
     out = []
-    for i in indexes:
+    for i, fine in indexes:
         data = os.pread(fd, REGION_SIZE, i * REGION_SIZE)
-        out.append((i, hashlib.blake2b(data, digest_size=DIGEST_BYTES).hexdigest()))
+        if not fine:
+            out.append((i, hashlib.blake2b(data, digest_size=DIGEST_BYTES).hexdigest()))
+            continue
+        view = memoryview(data)
+        digests = (
+            hashlib.blake2b(view[at : at + SUB_BLOCK], digest_size=DIGEST_BYTES).hexdigest()
+            for at in range(0, len(data), SUB_BLOCK)
+        )
+        out.append((i, "".join(digests)))
     return tuple(out)
 
 
@@ -190,6 +224,7 @@ def diff(primary: Mapping[str, Entry], secondary: Mapping[str, Entry]) -> tuple[
                     "missing",
                     f"{p.kind} missing on the secondary",
                     tuple(i for i, _ in p.blocks),
+                    changed_ranges(p.blocks, {}, p.size),
                 )
             )
         elif p.kind != s.kind:
@@ -199,6 +234,7 @@ def diff(primary: Mapping[str, Entry], secondary: Mapping[str, Entry]) -> tuple[
                     "kind",
                     f"{p.kind} on the primary, {s.kind} on the secondary",
                     tuple(i for i, _ in p.blocks),
+                    changed_ranges(p.blocks, {}, p.size),
                 )
             )
         else:
@@ -217,7 +253,8 @@ def _compare(p: Entry, s: Entry) -> Difference | None:
     changed = tuple(i for i, digest in p.blocks if theirs.get(i) != digest)
     if p.size != s.size or changed:
         why = f"size {p.size} vs {s.size}" if p.size != s.size else f"{len(changed)} blocks differ"
-        return Difference(p.path, "content", why, changed)
+        ranges = changed_ranges(p.blocks, theirs, p.size)
+        return Difference(p.path, "content", why, changed, ranges)
     notes = []
     if p.mode != s.mode:
         notes.append(f"mode {p.mode:o} vs {s.mode:o}")
@@ -228,6 +265,41 @@ def _compare(p: Entry, s: Entry) -> Difference | None:
     if notes:
         return Difference(p.path, "meta", ", ".join(notes))
     return None
+
+
+def changed_ranges(
+    mine: Iterable[tuple[int, str]], theirs: Mapping[int, str], size: int
+) -> tuple[tuple[int, int], ...]:
+    """Byte ranges of ``mine``'s blocks whose digests differ from ``theirs`` (pure).
+
+    Where both sides gave sub-block digests of a block, only the differing 4 KiB
+    sub-blocks count; otherwise the whole block does. Ranges are clipped to
+    ``size`` (the primary's file) and adjacent ones joined.
+    """
+    out: list[list[int]] = []
+
+    def add(start: int, end: int) -> None:
+        end = min(end, size)
+        if end <= start:
+            return
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1][1] += end - start
+        else:
+            out.append([start, end - start])
+
+    for i, digest in sorted(mine):
+        other = theirs.get(i)
+        if other == digest:
+            continue
+        base = i * REGION_SIZE
+        if other is None or len(digest) <= DIGEST_HEX or len(other) <= DIGEST_HEX:
+            add(base, base + REGION_SIZE)
+            continue
+        for k in range(0, len(digest), DIGEST_HEX):
+            if digest[k : k + DIGEST_HEX] != other[k : k + DIGEST_HEX]:
+                at = base + (k // DIGEST_HEX) * SUB_BLOCK
+                add(at, at + SUB_BLOCK)
+    return tuple((start, length) for start, length in out)
 
 
 def report(differences: Iterable[Difference], dir: str) -> list[str]:
@@ -296,7 +368,7 @@ def chunks(entries: Iterable[Entry], max_bytes: int = 2 * 1024 * 1024) -> Iterab
     size = 0
     for entry in entries:
         for part in _split(entry):
-            cost = 120 + len(part.path) + len(part.target) + 48 * len(part.blocks)
+            cost = 120 + len(part.path) + len(part.target) + _blocks_cost(part.blocks)
             if batch and size + cost > max_bytes:
                 yield encode_entries(batch)
                 batch, size = [], 0
@@ -306,12 +378,22 @@ def chunks(entries: Iterable[Entry], max_bytes: int = 2 * 1024 * 1024) -> Iterab
         yield encode_entries(batch)
 
 
+def _blocks_cost(blocks: tuple[tuple[int, str], ...]) -> int:
+    return sum(16 + len(digest) for _, digest in blocks)
+
+
 def _split(entry: Entry) -> Iterable[Entry]:
-    if len(entry.blocks) <= BLOCKS_PER_ROW:
+    # sub-block digests make a block's row 16x longer: rows are cut by size
+    if _blocks_cost(entry.blocks) <= ROW_BYTES:
         yield entry
         return
-    for start in range(0, len(entry.blocks), BLOCKS_PER_ROW):
-        yield replace(entry, blocks=entry.blocks[start : start + BLOCKS_PER_ROW])
+    start, cost = 0, 0
+    for k, (_, digest) in enumerate(entry.blocks):
+        if cost and cost + 16 + len(digest) > ROW_BYTES:
+            yield replace(entry, blocks=entry.blocks[start:k])
+            start, cost = k, 0
+        cost += 16 + len(digest)
+    yield replace(entry, blocks=entry.blocks[start:])
 
 
 def assemble(rows: Iterable[Entry]) -> dict[str, Entry]:

@@ -84,3 +84,33 @@ def test_teardown_happens_even_when_the_benchmark_fails(tmp_path):
         pids = [pair.primary.pid, pair.secondary.pid]
         raise RuntimeError("benchmark broke")
     gone(pair, pids)
+
+
+def loop_devices_of(image: str) -> str:
+    return subprocess.run(
+        ["losetup", "--associated", image], capture_output=True, text=True, timeout=30
+    ).stdout
+
+
+def test_the_secondary_on_its_own_device_replicates_and_leaves_nothing_behind(tmp_path):
+    tag = "rt-rb" + secrets.token_hex(2)
+    image = f"/dev/shm/{tag}.img"
+    with replicated_pair(tag, scratch=str(tmp_path), own_device=512 * 1024 * 1024) as pair:
+        # the secondary's tree and dirty log are on an ext4 of their own
+        assert mounted(pair.secondary_dir.parent)
+        assert pair.secondary_dir.stat().st_dev != pair.primary_dir.stat().st_dev
+        assert pair.secondary_state.stat().st_dev == pair.secondary_dir.stat().st_dev
+        assert (pair.secondary_state / "dirty.sqlite").exists()
+        assert "/dev/loop" in loop_devices_of(image)
+        primary = pair.start_primary("sync")
+        written = pair.work("fsync_4k", path=pair.primary_dir / "log", seconds=30.0, max_ops=20)
+        assert written.amount == 20
+        assert (pair.secondary_dir / "log").stat().st_size == 20 * 4096
+        with pytest.raises(OSError) as refused:
+            (pair.secondary_dir / "local").write_bytes(b"no")
+        assert refused.value.errno == errno.EROFS
+        home = pair.secondary_dir.parent
+        pids = [primary.pid, pair.worker.pid, pair.secondary.pid]
+    gone(pair, pids)
+    assert not mounted(home)
+    assert not Path(image).exists() and loop_devices_of(image) == ""

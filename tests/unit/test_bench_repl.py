@@ -8,6 +8,7 @@ import pytest
 
 from bench import farm
 from bench.figures import AtLeastFigure, Figure
+from bench.repl_device import OVERHEAD, DeviceError, image_size, mem_available
 from bench.repl_setup import BenchSetupError, memory_kib, netem_commands, parse_reply
 from bench.replication import (
     GiB,
@@ -20,6 +21,7 @@ from bench.replication import (
     interleaved,
     local_copy,
     netem_table,
+    own_device_bytes,
     plan_sizes,
     ratio_figure,
     sequential,
@@ -162,3 +164,27 @@ def test_interleaved_runs_alternate_baseline_first():
     )
     assert order == ["base0", "repl0", "base1", "repl1"]
     assert [r.seconds for r in ours] == [1.0, 1.0] and [r.seconds for r in theirs] == [2.0, 2.0]
+
+
+def test_without_a_limit_a_ratio_figure_is_information_and_never_fails():
+    runs = [Run(50e6, 1.0)]
+    base = [Run(200e6, 1.0)]
+    info = ratio_figure("same disk", "MB/s", runs, base, None, scale=1e6)
+    assert not isinstance(info, AtLeastFigure) and info.ok
+    assert "information only" in str(info) and "ratio 0.25" in str(info)
+    assert "runs (replicated/unreplicated MB/s): 50/200" in str(info)
+
+
+def test_the_own_device_holds_the_sequential_runs_and_the_logs():
+    sizes = Sizes()
+    assert own_device_bytes(sizes) == 6 * sizes.sequential + 9 * 64 * MiB
+
+
+def test_the_own_device_is_made_only_when_memory_and_tmpfs_have_room():
+    wanted = 2 * GiB
+    assert image_size(wanted, 20 * GiB, 20 * GiB) == wanted + OVERHEAD
+    assert image_size(wanted, 2 * GiB, 20 * GiB) == 0  # tmpfs too small
+    assert image_size(wanted, 20 * GiB, 5 * GiB) == 0  # would eat the spare memory
+    assert mem_available("MemTotal: 100 kB\nMemAvailable:    2048 kB\n") == 2048 * 1024
+    with pytest.raises(DeviceError, match="no MemAvailable line"):
+        mem_available("MemTotal: 100 kB\n")

@@ -52,6 +52,18 @@ def test_control_payloads_parse_back_to_their_values():
     assert err.errno == 5 and len(err.message) == 1000
 
 
+def test_hello_names_the_primary_mode_and_an_older_hello_without_it_means_sync():
+    hello = frames.parse_hello(frames.hello("web", "n1", 3, mode="semi"))
+    assert hello == frames.Hello("web", "n1", 3, "semi")
+    older = Frame(FrameType.HELLO, 0, b'{"generation":3,"module":"web","node":"n1"}')
+    assert frames.parse_hello(older).mode == "sync"
+    with pytest.raises(ProtocolError, match="names mode 'fast', expected sync, semi or async"):
+        frames.parse_hello(frames.hello("web", "n1", 3, mode="fast"))
+    wrong = b'{"generation":3,"mode":1,"module":"web","node":"n1"}'
+    with pytest.raises(ProtocolError, match="field 'mode' must be str"):
+        frames.parse_hello(Frame(FrameType.HELLO, 0, wrong))
+
+
 def test_op_payload_carries_the_dir_index():
     frame = Frame(FrameType.OP, 12, frames.op_payload(2, b"abc"))
     index, data = frames.split_op(frame, dir_count=3)

@@ -315,6 +315,44 @@ def test_fsync_is_replicated_and_waited_for(pair):
     pair.check()
 
 
+def test_the_secondary_fsyncs_while_the_primary_does(pair, monkeypatch):
+    fi = pair.create("/f")
+    pair.write(fi, b"durable", 0)
+    seen: list[bool] = []
+    real_fsync = os.fsync
+
+    primary_fd = pair.fs._files[fi.fh].fd
+
+    def fsync(fd: int) -> None:
+        if fd == primary_fd:  # the loopback secondary fsyncs too
+            seen.append(any(isinstance(op, Fsync) for op in pair.rec.ops))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    waited = pair.rec.waited
+    pair.fs.fsync(None, 0, fi)
+    assert seen == [True], "the Fsync record is submitted before the local fsync"
+    assert pair.rec.waited == waited + 1, "and waited for after it"
+    pair.fs.release(None, fi)
+    pair.check()
+
+
+@pytest.mark.parametrize("caller", [CALLER, (0, 0)])
+def test_created_files_get_the_callers_owner_and_every_mode_bit(pair, caller):
+    pair.fs.caller = lambda: caller
+    made = {}
+    for name, mode in (("setid", 0o6755), ("open", 0o777), ("private", 0o600)):
+        fi = pair.create(f"/{name}", mode)
+        pair.fs.release(None, fi)
+        made[name] = mode
+    pair.check()
+    for name, mode in made.items():
+        for st in (os.stat(pair.p(name)), os.stat(pair.s(name))):
+            assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (*caller, mode), name
+    opened = [op for op in pair.rec.ops if isinstance(op, Open)]
+    assert [(op.uid, op.gid, op.mode) for op in opened] == [(*caller, m) for m in made.values()]
+
+
 def test_fallocate_modes_and_punched_holes(pair):
     fi = pair.create("/f")
     pair.write(fi, b"\xab" * (1 << 20), 0)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node_service.replication.applier import Applier, LoopbackReplicator
+from node_service.replication.applier import Applier, DirCache, LoopbackReplicator
 from node_service.replication.ops import (
     Chmod,
     Link,
@@ -130,6 +130,57 @@ def test_symlinks_in_the_tree_never_lead_the_applier_outside(tree, tmp_path):
         assert info.value.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT)
     assert list(outside.iterdir()) == []
     assert applier.open_handles == 0
+
+
+def test_kept_directory_descriptors_follow_renames_and_removals(tree):
+    root, applier = tree
+    for op in [
+        Mkdir("a", 0o755, 0, 0),
+        Mkdir("a/b", 0o755, 0, 0),
+        Open(1, "a/b/f", CREATE, 0o644, 0, 0, True),  # a and a/b are kept now
+        Release(1),
+        Rename("a", "moved"),
+        Mkdir("a", 0o755, 0, 0),  # a new directory under the old name
+        Mkdir("a/b", 0o755, 0, 0),
+        Open(2, "a/b/g", CREATE, 0o644, 0, 0, True),
+        Release(2),
+        Open(3, "moved/b/h", CREATE, 0o644, 0, 0, True),
+        Release(3),
+        Unlink("a/b/g", ()),
+        Rmdir("a/b", ()),
+        Mkdir("a/b", 0o700, 0, 0),  # and once more after a removal
+        Open(4, "a/b/i", CREATE, 0o644, 0, 0, True),
+        Release(4),
+    ]:
+        applier.apply(op)
+    found = sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+    )
+    assert found == ["a/b/i", "moved/b/f", "moved/b/h"]
+    assert stat.S_IMODE(os.stat(os.path.join(root, "a/b")).st_mode) == 0o700
+
+
+def test_the_directory_cache_keeps_a_bounded_number_of_descriptors(tmp_path):
+    for n in range(4):
+        (tmp_path / f"d{n}" / "sub").mkdir(parents=True)
+    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    before = len(os.listdir("/proc/self/fd"))
+    cache = DirCache(root, size=2)
+    try:
+        # every descriptor handed out stays open until trim (one op may hold two)
+        held = [cache.get(f"d{n}/sub") for n in range(4)]
+        assert len(set(held)) == 4
+        for n, fd in enumerate(held):
+            assert os.path.samestat(os.fstat(fd), os.stat(tmp_path / f"d{n}" / "sub"))
+        cache.trim()
+        assert len(os.listdir("/proc/self/fd")) - before <= 2
+        assert os.path.samestat(os.fstat(cache.get("d3/sub")), os.stat(tmp_path / "d3/sub"))
+        cache.forget("d3")
+        assert len(os.listdir("/proc/self/fd")) - before <= 1
+    finally:
+        cache.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+        os.close(root)
 
 
 def test_chmod_of_a_symlink_leaves_its_target_alone(tree, tmp_path):

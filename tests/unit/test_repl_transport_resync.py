@@ -7,9 +7,11 @@ submitted, both under one ordering lock that the resync also takes.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +21,18 @@ import pytest
 from node_service.replication import ops, verify
 from node_service.replication.applier import Applier
 from node_service.replication.dirty import DirtyRegion, DirtyTracker
-from node_service.replication.resync import Resync, SingleLock, merge_want, repair_order, wanted
+from node_service.replication.resync import (
+    Resync,
+    SingleLock,
+    block_ranges,
+    expand,
+    join_ranges,
+    merge_want,
+    pieces,
+    repair_order,
+    split_known,
+    wanted,
+)
 from node_service.replication.sender import Link
 from tests.unit.repl_pair import DIR, Pair, make_site, open_op, write_op
 
@@ -137,6 +150,10 @@ def test_reintegration_sends_only_the_dirty_blocks_and_ends_identical(trees):
     primary.do(open_op(2, "old"))
     primary.do(write_op(2, 0, b"to be removed"))
     assert differences(src, dst) == []
+    # acknowledged regions are forgotten a clear_delay later; a lost peer is
+    # noticed (heartbeat timeout) long after that
+    assert pair.sender.drain(5)
+    forgotten(pair, set())
 
     pair.sender.mark_absent("peer lost")
     modified = 0
@@ -204,7 +221,8 @@ def test_full_sync_compares_block_hashes_and_removes_extras(trees):
     result = primary.resync(full=True)
     assert differences(src, dst) == []
     assert result.full
-    assert result.bytes_resent < 2 * REGION  # one 64 KiB block, not 2 MiB
+    # the differing block is compared again by sub-block: one 4 KiB piece goes, not 64 KiB
+    assert result.bytes_resent < 8 * 1024
     assert primary.verify() == []
 
 
@@ -286,4 +304,212 @@ def test_unknown_history_means_a_full_sync_then_dirty_regions_suffice(trees):
     second = passes.run(lambda: pair.connect(resync=True))
     assert not second.full and second.regions >= 1
     assert passes.remaining_bytes == 0 and not passes.running
+    assert differences(src, dst) == []
+
+
+# ---- what a pass sends: plans (pure) and bytes on the wire ---------------------------
+
+
+def test_long_runs_the_primary_recorded_go_without_comparing():
+    ours = [*range(10, 30), 40, 41, 50]  # a 20-region stream, then two short runs
+    direct, compare = split_known([3, 10, 11, 40, 50, 60], ours, run=16)
+    assert direct == list(range(10, 30))  # the whole stream, even blocks not asked for
+    assert compare == [3, 40, 50, 60]
+    assert split_known([1, 2], [1, 2], run=16) == ([], [1, 2])
+    # one write to a new region and its look-ahead make 16: not proof of a stream
+    assert split_known([5], range(5, 21)) == ([], [5])
+
+
+def test_byte_ranges_join_and_cut_into_pieces():
+    assert block_ranges([3, 1, 2, 7]) == ((REGION, 3 * REGION), (7 * REGION, REGION))
+    assert join_ranges([(0, 10), (30, 5)], [(8, 4), (35, 1)]) == ((0, 12), (30, 6))
+    assert list(pieces([(0, 2500), (5000, 100)], chunk=1000)) == [
+        (0, 1000),
+        (1000, 1000),
+        (2000, 500),
+        (5000, 100),
+    ]
+
+
+def test_a_path_wanted_whole_becomes_every_block_of_every_file_under_it():
+    files = {"d/a": 3 * REGION + 1, "d/sub/b": 0, "dx": REGION, "f": 2 * REGION}
+    want = expand({"d": None, "f": [1], "gone": None}, files)
+    assert want == {"d/a": [0, 1, 2, 3], "d/sub/b": [], "f": [1]}
+    assert expand({"": None}, {"a": 1})["a"] == [0]  # the root: everything
+
+
+def test_sub_block_digests_name_only_the_differing_4k_pieces(tmp_path):
+    data = bytearray(block(1) * 3)
+    (tmp_path / "a").write_bytes(data)
+    data[REGION + 5000] ^= 0xFF  # second sub-block of block 1
+    data[2 * REGION + REGION - 1] ^= 0xFF  # last sub-block of block 2
+    (tmp_path / "b").write_bytes(data[: 2 * REGION + REGION - 100] + b"x" * 100)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        want = {"a": [verify.sub_block(i) for i in range(3)]}
+        a = verify.scan(fd, want)["a"]
+        b = verify.scan(fd, {"b": want["a"]})["b"]
+        coarse = verify.scan(fd, {"a": [1]})["a"]
+    finally:
+        os.close(fd)
+    assert len(dict(a.blocks)[1]) == 16 * verify.DIGEST_HEX
+    assert len(dict(coarse.blocks)[1]) == verify.DIGEST_HEX
+    assert verify.changed_ranges(b.blocks, dict(a.blocks), b.size) == (
+        (REGION + 4096, 4096),
+        (3 * REGION - 4096, 4096),
+    )
+    # a peer that gave one digest for the block (or none): the whole block goes
+    assert verify.changed_ranges(b.blocks, dict(coarse.blocks), b.size) == (
+        (0, 3 * REGION),  # blocks 0 and 2 missing from that answer, block 1 coarse
+    )
+
+
+def test_large_manifests_are_split_into_rows_that_fit_a_frame():
+    blocks = tuple((i, "ab" * 256) for i in range(5000))  # ~2.6 MB of sub-block digests
+    entry = verify.Entry("big", verify.FILE, 0o644, 0, 0, 5000 * REGION, 0, "", blocks)
+    payloads = list(verify.chunks([entry]))
+    assert len(payloads) > 1 and all(len(p) < 3 * 1024 * 1024 for p in payloads)
+    rows = [e for p in payloads for e in verify.decode_entries(p)]
+    assert verify.assemble(rows)["big"] == entry
+
+
+class ScanLog:
+    """Keeps the SCAN requests a pass makes (the frames go out unchanged)."""
+
+    def __init__(self, sender):
+        self.sender = sender
+        self.request = sender.request
+        self.scans: list[dict] = []
+        sender.request = self.record
+
+    def record(self, frame, timeout):
+        if frame.type.name == "SCAN":
+            self.scans.append(json.loads(frame.payload))
+        return self.request(frame, timeout)
+
+    def hashed_paths(self) -> set[str]:
+        return {path for body in self.scans if body["hashes"] for path, _ in body["want"] or ()}
+
+
+def forgotten(pair: Pair, keep: set[tuple[str, int]]) -> None:
+    """Wait until the primary's tracker holds no region but ``keep`` (bounded).
+
+    Acknowledged regions and the unused look-ahead are forgotten ``clear_delay``
+    after their last use, as long after the writes as a real reconnect comes.
+    """
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        extra = {(r.path, r.index) for r in pair.tracker1.recorded()} - keep
+        if not extra:
+            return
+        pair.tracker1.release(())  # wakes the commit thread
+        threading.Event().wait(0.05)
+    raise AssertionError(f"regions {sorted(extra)[:5]}... still recorded after 10 s")
+
+
+def test_random_4k_writes_while_away_resend_about_what_changed(trees):
+    primary, pair, src, dst = trees
+    pair.connect()
+    primary.do(open_op(1, "image"))
+    for i in range(64):  # 4 MiB
+        primary.do(write_op(1, i * REGION, block(i)))
+    assert pair.sender.drain(5)
+    pair.sender.mark_absent("peer lost")
+    rng = random.Random(5)
+    offsets = {rng.randrange(1024) * 4096 for _ in range(40)}
+    for offset in sorted(offsets):
+        primary.do(write_op(1, offset, bytes([offset % 253 + 1]) * 4096))
+    forgotten(
+        pair,
+        {("image", o // REGION) for o in offsets} | {("image", ops.META), ("image", ops.ENTRY)},
+    )
+    modified = len(offsets) * 4096
+    result = primary.resync()
+    assert differences(src, dst) == []
+    # 64 KiB regions would resend up to 16x; sub-blocks send what changed plus attributes
+    assert result.bytes_resent <= 1.2 * modified, (result.bytes_resent, modified)
+
+
+def test_a_stream_rewritten_while_away_is_sent_without_hashing(trees):
+    primary, pair, src, dst = trees
+    pair.connect()
+    primary.do(open_op(1, "log"))
+    for i in range(40):
+        primary.do(write_op(1, i * REGION, block(i)))
+    assert pair.sender.drain(5)
+    forgotten(pair, set())
+    pair.sender.mark_absent("peer lost")
+    for i in range(8, 40):  # a 2 MiB rewrite: 32 consecutive regions
+        primary.do(write_op(1, i * REGION, block(200 + i)))
+    primary.do(open_op(2, "created-while-away"))
+    primary.do(write_op(2, 0, block(7) * 20))
+    scans = ScanLog(pair.sender)
+    result = primary.resync()
+    assert differences(src, dst) == []
+    assert scans.hashed_paths() == set(), scans.scans  # neither file was compared
+    assert 52 * REGION <= result.bytes_resent <= 1.05 * 52 * REGION
+
+
+def test_the_secondary_own_dirty_regions_are_still_compared(trees):
+    primary, pair, src, dst = trees
+    pair.connect()
+    primary.do(open_op(1, "f"))
+    for i in range(32):
+        primary.do(write_op(1, i * REGION, block(i)))
+    assert pair.sender.drain(5)
+    forgotten(pair, set())
+    with open(dst / "f", "r+b") as f:  # a torn write the secondary had in flight
+        f.seek(20 * REGION + 8192)
+        f.write(b"torn")
+    pair.log2.record([DirtyRegion(DIR, "f", i) for i in range(16, 32)])
+    pair.receiver.close()
+    pair.tracker2.close()
+    pair.tracker2 = DirtyTracker(pair.log2, name="n2-restarted", clear_delay=0.05)
+    pair.receiver.tracker = pair.tracker2
+    scans = ScanLog(pair.sender)
+    result = primary.resync()
+    assert differences(src, dst) == []
+    assert "f" in scans.hashed_paths(), (result, scans.scans)
+    assert result.bytes_resent < 2 * 4096  # one 4 KiB sub-block
+
+
+def test_a_file_sent_whole_while_the_application_writes_and_resizes_it(trees):
+    primary, pair, src, dst = trees
+    pair.connect()
+    primary.do(open_op(2, "streamed-while-away"))
+    primary.do(write_op(2, 0, b"before"))
+    assert pair.sender.drain(5)
+    forgotten(pair, set())
+    pair.sender.mark_absent("peer lost")
+    primary.do(open_op(1, "created-while-away"))
+    for i in range(48):  # 3 MiB: sent whole in three 1 MiB pieces, each under the lock
+        primary.do(write_op(1, i * REGION, block(i)))
+    for i in range(40):  # a stream over an existing file: sent without comparing
+        primary.do(write_op(2, i * REGION, block(i + 50)))
+    stop = threading.Event()
+    rng = random.Random(11)
+
+    def application() -> None:
+        n = 0
+        while not stop.is_set() and n < 3000:
+            handle, blocks = rng.choice(((1, 48), (2, 40)))
+            if n % 50 == 49:  # shrink or grow, as truncate(2) does
+                size = rng.randrange(blocks * REGION * 5 // 4)
+                primary.do(ops.Truncate(handle, "", size, MTIME + n))
+            else:
+                at = rng.randrange(blocks * REGION * 5 // 4)
+                primary.do(write_op(handle, at, b"app %08d" % n))
+            n += 1
+
+    writer = threading.Thread(target=application, name="test-app-resizer")
+    writer.start()
+    try:
+        result = primary.resync()
+    finally:
+        stop.set()
+        writer.join(30)
+    assert not writer.is_alive()
+    assert pair.sender.drain(10)
+    assert pair.sender.link == Link.CONNECTED
+    assert result.differences >= 2
     assert differences(src, dst) == []

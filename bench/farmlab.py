@@ -40,7 +40,7 @@ from typing import Any
 
 from node_service.demo import DemoError, LabDriver
 from node_service.farm.buckets import BUCKETS, module_seed
-from node_service.farm.nft import FilterRule, table_name
+from node_service.farm.nft import DROPPED, FilterRule, parse_counters, table_name
 from node_service.farm.nft import _hash_expr as hash_expr  # the filter's very expression
 from node_service.farm.nft import counters as nft_counters
 
@@ -250,8 +250,15 @@ class FarmLab:
         )
 
     def counters(self, node: str, farm: Farm) -> dict[str, int]:
-        """The node's filter counters (SYNs owned/dropped), read from nft itself."""
-        return nft_counters(farm.name, nft=self.nft_command(node))
+        """The node's filter counters (SYNs owned/dropped), read from nft itself.
+
+        ``ingress``: of the dropped packets, those dropped at the interface,
+        before IP and conntrack (the farm's netdev table).
+        """
+        found = nft_counters(farm.name, nft=self.nft_command(node))
+        netdev = self.shell_all({node: ("nft -j list ruleset netdev", "")})[node]
+        found["ingress"] = parse_counters(netdev, table_name(farm.name))[DROPPED]
+        return found
 
     def vip_device(self, node: str, farm: Farm) -> str:
         """The interface holding the VIP on ``node`` (the farm's shared-MAC macvlan)."""

@@ -34,7 +34,16 @@ confirmed only when a packet survives), so a non-owner keeps no trace of
 other nodes' flows. Every drop rule's comment starts with ``dropped``, so
 ``counters`` adds them up.
 
-Replacement is atomic: the script creates the table if needed, deletes it
+Before all of that, when the filter knows the node's LAN interface
+(``device``), a ``table netdev`` of the same name drops packets of buckets
+this node neither owns nor holds flows in at the interface's ``ingress``
+hook, before IP and conntrack see them: on a non-owner that is most of the
+farm's packets, and it is the bulk of their cost (docs/dev/farm.md).
+``held`` lists the buckets in which this node may still hold flows (after
+a bucket moved away); rule 3 writes each accepted flow's bucket into its
+conntrack mark (``MARK_BASE`` + bucket) so ``held.py`` can read them back.
+
+Replacement is atomic: the script creates each table if needed, deletes it
 and defines it again, all in one ``nft -f`` transaction; the kernel applies
 all of it or none of it. The owned buckets are an inline set in the rule
 (nft 1.0.6 cannot list a named set typed from ``jhash``), so changing the
@@ -65,6 +74,13 @@ OWNED = "owned"
 DROPPED = "dropped"
 KINDS = (ESTABLISHED, OWNED, DROPPED)
 
+# Accepted flows carry MARK_BASE + bucket in their conntrack mark ("rf" in
+# the upper half), so the buckets of live flows can be read back.
+MARK_BASE = 0x7266_0000
+MARK_MASK = 0xFFFF_FF00
+ALL_BUCKETS = frozenset(range(BUCKETS))
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
 
 class PacketFilterError(RetryableError):
     """nft is missing, timed out or refused a farm ruleset (previous rules intact)."""
@@ -88,6 +104,10 @@ class FarmFilter:
     rules: tuple[FilterRule, ...]
     seed: int
     owned: frozenset[int]
+    # The LAN interface for the ingress drop (None: no ingress table) and the
+    # buckets let through there besides ``owned`` (flows this node may hold).
+    device: str | None = None
+    held: frozenset[int] = ALL_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -106,9 +126,12 @@ def node_filter(
     seed: int,
     owners: BucketMap,
     node: str,
+    device: str | None = None,
+    held: frozenset[int] = ALL_BUCKETS,
 ) -> FarmFilter:
     """The filter of ``node`` for the bucket map ``owners``."""
-    return FarmFilter(module, tuple(vips), tuple(rules), seed, owned_by(owners, node))
+    owned = owned_by(owners, node)
+    return FarmFilter(module, tuple(vips), tuple(rules), seed, owned, device, held)
 
 
 def table_name(module: str) -> str:
@@ -148,7 +171,9 @@ def _check(farm: FarmFilter) -> None:
                 raise UserError(f"{where}: port {port!r} is not a port number 1-65535")
     if isinstance(farm.seed, bool) or not isinstance(farm.seed, int) or not 0 <= farm.seed < 2**32:
         raise UserError(f"{where}: seed {farm.seed!r} is not a 32-bit unsigned integer")
-    bad = sorted(b for b in farm.owned if not (isinstance(b, int) and 0 <= b < BUCKETS))
+    if farm.device is not None and not _IFNAME.match(farm.device):
+        raise UserError(f"{where}: interface {farm.device!r} is not an interface name (1-15 chars)")
+    bad = sorted(b for b in farm.owned | farm.held if not (isinstance(b, int) and 0 <= b < BUCKETS))
     if bad:
         raise UserError(f"{where}: bucket {bad[0]!r} is not a bucket number 0-{BUCKETS - 1}")
 
@@ -171,6 +196,10 @@ def _elements(values: Iterable[int]) -> str:
 def _hash_expr(rule: FilterRule, seed: int) -> str:
     key = "ip saddr" if rule.criterion == "ip" else f"ip saddr . {rule.protocol} sport"
     return f"jhash {key} mod {BUCKETS} seed 0x{seed:08x}"
+
+
+def _mark_expr(rule: FilterRule, seed: int) -> str:
+    return f"ct mark set {_hash_expr(rule, seed)} offset 0x{MARK_BASE:08x}"
 
 
 def _syn(rule: FilterRule) -> str:
@@ -201,6 +230,22 @@ def _early_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
     return [f"{_match(farm, rule)}{_syn(rule)}{bucket} counter drop {comment}"]
 
 
+def _ingress_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
+    """Packets of buckets this node neither owns nor holds flows in, dropped before IP.
+
+    Safe for every state: a packet dropped here is one the ip table would
+    drop too (no owned bucket, so no new flow; not a held bucket, so no
+    conntrack entry of this node's).
+    """
+    foreign = ALL_BUCKETS - farm.owned - farm.held
+    if not foreign:
+        return []
+    bucket = (
+        "" if foreign == ALL_BUCKETS else f" {_hash_expr(rule, farm.seed)} {_elements(foreign)}"
+    )
+    return [f'{_match(farm, rule)}{bucket} counter drop comment "{DROPPED} ingress {_label(rule)}"']
+
+
 def _rule_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
     match, label = _match(farm, rule), _label(rule)
     lines = [
@@ -210,7 +255,7 @@ def _rule_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
     if farm.owned:
         lines.append(
             f"{match}{_syn(rule)} {_hash_expr(rule, farm.seed)} {_elements(farm.owned)}"
-            f' counter accept comment "{OWNED} {label}"'
+            f' {_mark_expr(rule, farm.seed)} counter accept comment "{OWNED} {label}"'
         )
     lines.append(f'{match} counter drop comment "{DROPPED} {label}"')
     return lines
@@ -221,12 +266,30 @@ def _elements_ip(vips: Sequence[str]) -> str:
     return "{ " + ", ".join(str(a) for a in sorted({ipaddress.IPv4Address(v) for v in vips})) + " }"
 
 
-def build(farm: FarmFilter) -> Ruleset:
-    """The nft script giving this node its share of the farm's clients."""
+def build(farm: FarmFilter, *, ingress_only: bool = False) -> Ruleset:
+    """The nft script giving this node its share of the farm's clients.
+
+    ``ingress_only``: replace the netdev table alone, for a change of the
+    held buckets only (the ip table, and its counters, stay as they are).
+    """
     _check(farm)
     table = table_name(farm.module)
     early = [line for rule in farm.rules for line in _early_lines(farm, rule)]
     body = [line for rule in farm.rules for line in _rule_lines(farm, rule)]
+    ingress = [line for rule in farm.rules for line in _ingress_lines(farm, rule)]
+    # Without a device or anything to drop there, the netdev table is only removed.
+    netdev = [f"table netdev {table}", f"delete table netdev {table}"]
+    if farm.device is not None and ingress:
+        netdev += [
+            f"table netdev {table} {{",
+            "\tchain ingress {",
+            f'\t\ttype filter hook ingress device "{farm.device}" priority filter; policy accept;',
+            *(f"\t\t{line}" for line in ingress),
+            "\t}",
+            "}",
+        ]
+    if ingress_only:
+        return Ruleset(farm.module, table, "\n".join([*netdev, ""]))
     text = "\n".join(
         [
             # Create-then-delete makes the replacement work whether or not
@@ -243,6 +306,7 @@ def build(farm: FarmFilter) -> Ruleset:
             *(f"\t\t{line}" for line in body),
             "\t}",
             "}",
+            *netdev,
             "",
         ]
     )
@@ -250,9 +314,10 @@ def build(farm: FarmFilter) -> Ruleset:
 
 
 def removal(module: str) -> Ruleset:
-    """The nft script removing a module's table (fine if it is absent)."""
+    """The nft script removing a module's tables (fine if they are absent)."""
     table = table_name(module)
-    return Ruleset(module, table, f"table ip {table}\ndelete table ip {table}\n")
+    text = "".join(f"table {f} {table}\ndelete table {f} {table}\n" for f in ("ip", "netdev"))
+    return Ruleset(module, table, text)
 
 
 def _run(args: Sequence[str], stdin: str | None, what: str, timeout: float) -> str:
@@ -292,30 +357,56 @@ def remove(module: str, *, nft: Sequence[str] = NFT, timeout: float = DEFAULT_TI
     apply(removal(module), nft=nft, timeout=timeout)
 
 
-def listing(module: str, *, nft: Sequence[str] = NFT, timeout: float = DEFAULT_TIMEOUT_S) -> str:
-    """The module's table as nft prints it, or ``""`` when there is none."""
+def listing(
+    module: str,
+    *,
+    nft: Sequence[str] = NFT,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    family: str = "ip",
+) -> str:
+    """The module's table of ``family`` (ip, netdev) as nft prints it, ``""`` when none."""
     table = table_name(module)
-    text = _run([*nft, "list", "tables", "ip"], None, f"farm module {module}", timeout)
-    if f"table ip {table}" not in (line.strip() for line in text.splitlines()):
+    text = _run([*nft, "list", "tables", family], None, f"farm module {module}", timeout)
+    if f"table {family} {table}" not in (line.strip() for line in text.splitlines()):
         return ""
-    return _run([*nft, "list", "table", "ip", table], None, f"farm module {module}", timeout)
+    return _run([*nft, "list", "table", family, table], None, f"farm module {module}", timeout)
 
 
 def counters(
     module: str, *, nft: Sequence[str] = NFT, timeout: float = DEFAULT_TIMEOUT_S
 ) -> dict[str, int]:
-    """Packets per rule kind (established, owned, dropped) on this node."""
-    table = table_name(module)
-    raw = _run([*nft, "-j", "list", "table", "ip", table], None, f"farm module {module}", timeout)
-    return parse_counters(raw)
+    """Packets per rule kind (established, owned, dropped) on this node, both tables.
+
+    One ``nft`` run for both (read once a second on every node): the whole
+    ruleset, filtered by table name; the netdev table comes and goes with
+    the bucket map, the ip table must be there.
+    """
+    table, what = table_name(module), f"farm module {module}"
+    raw = _run([*nft, "-j", "list", "ruleset"], None, what, timeout)
+    tables = {
+        (t.get("family"), t.get("name"))
+        for item in json.loads(raw).get("nftables", [])
+        if isinstance(t := item.get("table"), dict)
+    }
+    if ("ip", table) not in tables:
+        raise PacketFilterError(f"{what}: table ip {table} is not loaded")
+    return parse_counters(raw, table)
 
 
-def parse_counters(nft_json: str) -> dict[str, int]:
-    """Sum the packet counters of ``nft -j list table`` output by rule kind."""
+def parse_counters(nft_json: str, table: str | None = None) -> dict[str, int]:
+    """Sum the packet counters of ``nft -j list`` output by rule kind (of ``table`` only).
+
+    ``table`` keeps the farm's ip and netdev tables of that name (other
+    families cannot hold a farm table).
+    """
     totals = dict.fromkeys(KINDS, 0)
     for item in json.loads(nft_json).get("nftables", []):
         rule = item.get("rule")
         if not rule:
+            continue
+        if table is not None and (
+            rule.get("table") != table or rule.get("family") not in ("ip", "netdev")
+        ):
             continue
         kind = str(rule.get("comment", "")).split(" ", 1)[0]
         if kind not in totals:

@@ -7,7 +7,10 @@ heartbeat change (a peer lost, a peer's payload saying UP or WAIT) and a
 periodic tick re-runs the pure ``states.decide``; the alive set it returns
 feeds ``buckets.plan``, and this node's share is loaded with one atomic nft
 transaction. A failing checker makes the node WAIT: it owns nothing and its
-heartbeats say so, and the peers take its buckets.
+heartbeats say so, and the peers take its buckets. Buckets it stops owning
+stay let through at the LAN interface's ingress drop ("held") until
+conntrack shows its flows in them ended (``held.py``); the decision loop
+reads conntrack for that, only while some bucket is held.
 
 Task ownership: ``farm:M`` (the decision loop), ``farm-heartbeats:M`` (wakes
 the loop on membership changes), ``farm-counters:M`` (reads the nft counters
@@ -24,14 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 from node_service.errors import CommandRefused, RampartError
-from node_service.farm import buckets, conntrack, macvlan, nft
+from node_service.farm import buckets, held, macvlan, nft
+from node_service.farm.effects import FarmEffects
 from node_service.farm.states import (
     GIVE_UP,
     PENDING,
@@ -56,63 +58,6 @@ TICK_S = 1.0  # re-decide at least this often (peer silence, retries)
 COUNTERS_EVERY_S = 1.0
 
 
-class FarmEffects:
-    """The farm's side effects on this node; a unit test passes a fake.
-
-    ``nft`` is the nft command (tests point it at a missing or failing one).
-    ``pickup`` is shared by the daemon's farm modules: the conntrack setting
-    it changes belongs to the whole node (see conntrack.py).
-    """
-
-    pickup: ClassVar[conntrack.TcpPickup] = conntrack.TcpPickup()
-
-    def __init__(self, nft_command: tuple[str, ...] = nft.NFT) -> None:
-        self.nft = nft_command
-
-    async def strict_pickup(self, module: str, memo: Path) -> str:
-        return await self.pickup.start(module, memo)
-
-    async def restore_pickup(self, module: str, memo: Path) -> str:
-        return await self.pickup.stop(module, memo)
-
-    async def lan_interface(self, address: str) -> str:
-        from node_service.net import vip
-
-        found = vip.find(await asyncio.to_thread(vip.list_addresses), address)
-        if not found:
-            raise RampartError(
-                f"no interface on this node holds its LAN address {address}: expected the "
-                "node's first <address> in userconfig.xml to be configured here"
-            )
-        return found[0].interface
-
-    async def apply(self, ruleset: nft.Ruleset) -> None:
-        await asyncio.to_thread(functools.partial(nft.apply, ruleset, nft=self.nft))
-
-    async def remove(self, module: str) -> None:
-        await asyncio.to_thread(functools.partial(nft.remove, module, nft=self.nft))
-
-    async def counters(self, module: str) -> dict[str, int]:
-        return await asyncio.to_thread(functools.partial(nft.counters, module, nft=self.nft))
-
-    async def mac_setup(self, spec: macvlan.SharedMac) -> str:
-        return await asyncio.to_thread(functools.partial(macvlan.setup, spec, nft=self.nft))
-
-    async def mac_teardown(self, spec: macvlan.SharedMac) -> str:
-        return await asyncio.to_thread(functools.partial(macvlan.teardown, spec, nft=self.nft))
-
-    async def announce(self, address: str, interface: str) -> str:
-        from node_service.net import garp
-
-        return await garp.announce(address, interface)
-
-    async def script(self, module_dir: str, name: str, env: Mapping[str, str], timeout: float,
-                     on_line: Any) -> Any:  # fmt: skip
-        from node_service.scripts import run_script
-
-        return await run_script(module_dir, name, env=env, timeout_s=timeout, on_line=on_line)
-
-
 class FarmRunner(ModuleRunner):
     kind = "farm"
 
@@ -128,6 +73,9 @@ class FarmRunner(ModuleRunner):
         self._owners: buckets.BucketMap | None = None
         self._alive: frozenset[str] | None = None
         self._applied: frozenset[int] | None = None  # the owned set loaded in nft
+        self._device: str | None = None  # the LAN interface: ingress drop and shared MAC
+        self._hold = held.starting(time.monotonic())  # buckets let through at ingress
+        self._held_applied: frozenset[int] | None = None
         self._problem: str | None = None
         self._said: str | None = None  # last error journaled (said once, not every tick)
         self._leaving = False
@@ -227,7 +175,7 @@ class FarmRunner(ModuleRunner):
             await self.heartbeats.remove_module(name)
         self._hb_module = False
         FarmRunner.active.pop(name, None)
-        self._owners, self._alive, self._applied = None, None, None
+        self._owners, self._alive, self._applied, self._held_applied = None, None, None, None
         self.set_state(STOP, reason)
         return "; ".join(s for s in steps if s)
 
@@ -251,6 +199,8 @@ class FarmRunner(ModuleRunner):
     def state(self) -> dict[str, Any]:
         data = super().state()
         data["buckets"] = len(self._applied or ())
+        # Not owned but still let through at the interface: flows of this node may be there.
+        data["held"] = len(self._held_applied or ()) if self._device else 0
         data["bucket_map"] = buckets.shares(self._owners) if self._owners else {}
         data["alive"] = sorted(self._alive or ())
         data["vips"] = [f"{v.address}/{v.prefix}" for v in self.module.vips]
@@ -262,6 +212,7 @@ class FarmRunner(ModuleRunner):
     def metrics(self) -> dict[str, Any]:
         return {
             "owned_buckets": len(self._applied or ()),
+            "held_buckets": len(self._held_applied or ()) if self._device else 0,
             "alive_nodes": len(self._alive or ()),
             "connections_accepted": self.counters.get(nft.OWNED, 0),
             "established_packets": self.counters.get(nft.ESTABLISHED, 0),
@@ -304,25 +255,29 @@ class FarmRunner(ModuleRunner):
         self.journal.record("info", f"bucket map: {change}; {result.reason}", self.module.name)
         self._owners, self._alive = result.owners, alive
 
-    async def _load(self, owned: frozenset[int], why: str) -> bool:
-        """Load this node's share; False (previous rules intact, journaled) on failure."""
-        if owned == self._applied:
+    async def _load(self, owned: frozenset[int], why: str, hold: held.Hold | None = None) -> bool:
+        """Load this node's share; False (previous rules intact, journaled) on failure.
+
+        Buckets it stops owning stay let through at ingress (``held``) in the
+        same transaction, until conntrack shows their flows ended here.
+        """
+        hold = hold or held.after_load(self._applied or frozenset(), owned, self._hold,
+                                       time.monotonic())  # fmt: skip
+        if owned == self._applied and hold.held == self._held_applied:
             return True
         farm = nft.FarmFilter(
-            self.module.name,
-            tuple(v.address for v in self.module.vips),
-            self.rules,
-            self.seed,
-            owned,
-        )
+            self.module.name, tuple(v.address for v in self.module.vips), self.rules,
+            self.seed, owned, self._device, hold.held,
+        )  # fmt: skip
         try:
-            await self.effects.apply(nft.build(farm))
+            # Held buckets alone changed: the ip table (and its counters) stays.
+            await self.effects.apply(nft.build(farm, ingress_only=owned == self._applied))
         except RampartError as exc:
             # nft's transaction failed as a whole: the previous rules are in
             # force; the next tick tries again.
             self._say(f"packet filter not updated ({len(owned)} buckets wanted, {why}): {exc}")
             return False
-        self._applied = owned
+        self._applied, self._hold, self._held_applied = owned, hold, hold.held
         if self._said and self._said.startswith("packet filter not updated"):
             self._said = None
             self.journal.record(
@@ -394,6 +349,7 @@ class FarmRunner(ModuleRunner):
 
     def _reset(self) -> None:
         self._owners, self._alive, self._applied = None, None, None
+        self._hold, self._held_applied = held.starting(time.monotonic()), None
         self._problem, self._said, self._leaving = None, None, False
         self._wake = asyncio.Event()
 
@@ -408,6 +364,18 @@ class FarmRunner(ModuleRunner):
 
     async def _take_vip(self) -> str:
         """Filter first (owning nothing), then the VIP behind the shared MAC."""
+        vips = self.module.vips
+        self._shared, self._device = None, None
+        try:  # the LAN interface first: the filter's ingress drop is on it too
+            me = self.module.node(self.node.node)
+            parent = vips[0].interface if vips and vips[0].interface else None
+            parent = parent or await self.effects.lan_interface(me.lan_address)
+            self._shared = macvlan.plan(
+                self.module.name, parent, [(v.address, v.prefix) for v in vips]
+            )
+            self._device = parent
+        except RampartError as exc:
+            self._fail(f"shared MAC not set up: {exc}")
         if not await self._load(frozenset(), "start"):
             self._problem = self._said
             return "packet filter not loaded"
@@ -419,14 +387,9 @@ class FarmRunner(ModuleRunner):
             )  # fmt: skip
         except RampartError as exc:  # costs CPU on busy farms, never correctness
             self.journal.warning(f"conntrack setting unchanged: {exc}", self.module.name)
-        vips = self.module.vips
+        if self._shared is None:
+            return "VIP not taken"
         try:
-            me = self.module.node(self.node.node)
-            parent = vips[0].interface if vips and vips[0].interface else None
-            parent = parent or await self.effects.lan_interface(me.lan_address)
-            self._shared = macvlan.plan(
-                self.module.name, parent, [(v.address, v.prefix) for v in vips]
-            )
             reason = await self.effects.mac_setup(self._shared)
         except RampartError as exc:
             self._fail(f"shared MAC not set up: {exc}")
@@ -528,10 +491,35 @@ class FarmRunner(ModuleRunner):
             self._wake.clear()
             try:
                 await self.evaluate()
+                await self._refresh_held()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug here must not end the farm silently
                 self._say(f"farm decision failed: {type(exc).__name__}: {exc}")
+
+    async def _refresh_held(self) -> None:
+        """Let go of held buckets whose flows ended here (read from conntrack)."""
+        check_at = self._hold.check_at
+        if self._device is None or self._applied is None or check_at is None:
+            return
+        if self._said and self._said.startswith("packet filter not updated"):
+            return  # nft is failing: the decision loop retries, with the held buckets
+        if time.monotonic() < check_at:
+            return
+        vips = tuple(v.address for v in self.module.vips)
+        try:
+            found = await self.effects.held(vips, self.rules)
+        except RampartError as exc:  # costs CPU (more let through), never a flow
+            self._say(f"held flows not read: {exc}")
+            return
+        if self._leaving:
+            return
+        hold = held.after_reading(self._applied, found, self._hold, time.monotonic())
+        if hold.held != self._held_applied and await self._load(self._applied, "held", hold):
+            self.journal.record("info", f"ingress drop on {self._device}: {hold.reason}",
+                                self.module.name)  # fmt: skip
+        else:
+            self._hold = hold
 
     async def _heartbeat_watch(self) -> None:
         if self.heartbeats is None or not self._hb_module:

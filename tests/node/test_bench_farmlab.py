@@ -50,13 +50,15 @@ def test_filter_switch_turns_the_filter_off_and_puts_every_table_back(lab, web):
     change = prepare_switch(lab, web, keep)
     before = {n: lab.counters(n, web) for n in web.nodes}
 
-    switch(lab, change, change.off(), [], [keep])
+    # Every node drops the others' clients before IP (the runners' ingress tables).
+    assert change.with_ingress() == nodes
+    switch(lab, change, change.off(), [], [], [keep])
     try:
         off = lab.client.connect(web, sources, timeout=2.0, concurrency=8)
-        switch(lab, change, change.only_keep_filters(), [keep], [keep])
+        switch(lab, change, change.one_owner(), nodes, [n for n in nodes if n != keep], nodes)
         alone = lab.client.connect(web, [(me, 46000 + i) for i in range(120)], 2.0, 8)
     finally:
-        switch(lab, change, change.on(), nodes, nodes)
+        switch(lab, change, change.on(), nodes, nodes, nodes)
 
     assert set(off) == {keep} and set(alone) == {keep}
     on = lab.client.connect(web, sources, timeout=2.0, concurrency=8)
@@ -64,4 +66,6 @@ def test_filter_switch_turns_the_filter_off_and_puts_every_table_back(lab, web):
     after = {n: lab.counters(n, web) for n in web.nodes}
     # The tables came back with the rules the runners loaded; only the last round counted.
     assert sum(after[n]["owned"] - before[n]["owned"] for n in web.nodes) == len(sources)
+    # The other nodes dropped those clients at ingress, before IP.
+    assert all(after[n]["ingress"] > before[n]["ingress"] for n in web.nodes)
     assert lab.serving(web)

@@ -350,3 +350,5 @@ def test_remove_drops_the_table_and_is_idempotent(site):
     assert listing(MODULE, nft=site.nft("n2")) == ""
     remove(MODULE, nft=site.nft("n2"))
     assert listing(MODULE, nft=site.nft("n2")) == ""
+    with pytest.raises(PacketFilterError, match="table ip rampart_farm_web is not loaded"):
+        counters(MODULE, nft=site.nft("n2"))

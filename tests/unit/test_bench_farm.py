@@ -122,15 +122,29 @@ def switch() -> FilterSwitch:
         tables={"n1": "table ip rampart_farm_web { }\n", "n2": "T2\n", "n3": "T3\n"},
         links={"n2": "rf2", "n3": "rf3"},
         alone="ALL BUCKETS\n",
+        ingress={"n1": "", "n2": "I2\n", "n3": "I3\n"},
+        drop_all={"n2": "D2\n", "n3": "D3\n"},
     )
+
+
+DROP_BOTH = (
+    "table ip rampart_farm_web\ndelete table ip rampart_farm_web\n"
+    "table netdev rampart_farm_web\ndelete table netdev rampart_farm_web\n"
+)
 
 
 def test_filter_off_drops_every_table_and_the_other_nodes_vip_links():
     off = switch().off()
-    assert off["n1"] == ("nft delete table ip rampart_farm_web", "")
-    assert off["n2"] == ("ip link set rf2 down\nnft delete table ip rampart_farm_web", "")
+    # Both tables (the ip one and the ingress drop) go in one transaction.
+    assert off["n1"] == ("nft -f -", DROP_BOTH)
+    assert off["n2"] == ("ip link set rf2 down\nnft -f -", DROP_BOTH)
     assert set(off) == {"n1", "n2", "n3"}
-    assert switch().only_keep_filters() == {"n1": ("nft -f -", "ALL BUCKETS\n")}
+    # One owner: the others' drop table first, then their VIP link up.
+    assert switch().one_owner() == {
+        "n1": ("nft -f -", "ALL BUCKETS\n"),
+        "n2": ("nft -f -\nip link set rf2 up", "D2\n"),
+        "n3": ("nft -f -\nip link set rf3 up", "D3\n"),
+    }
 
 
 def test_filter_on_loads_each_saved_table_in_one_transaction_then_raises_the_links():
@@ -138,19 +152,23 @@ def test_filter_on_loads_each_saved_table_in_one_transaction_then_raises_the_lin
     assert on["n1"] == (
         "nft -f -",
         "table ip rampart_farm_web\ndelete table ip rampart_farm_web\n"
-        "table ip rampart_farm_web { }\n",
+        "table ip rampart_farm_web { }\n"
+        "table netdev rampart_farm_web\ndelete table netdev rampart_farm_web\n",
     )
     assert on["n3"][0] == "nft -f -\nip link set rf3 up"
-    assert on["n3"][1].endswith("T3\n")
+    assert on["n3"][1].endswith("T3\ntable netdev rampart_farm_web\n"
+                                "delete table netdev rampart_farm_web\nI3\n")  # fmt: skip
+    assert switch().with_ingress() == ["n2", "n3"]
 
 
 def test_seen_reads_tables_and_vip_holders_from_the_look_output():
     outputs = {
         "n1": "table ip rampart_farm_web\n==\n5: rf1    inet 198.51.100.200/24 scope global rf1\n",
-        "n2": "table ip other\n==\n2: eth0    inet 198.51.100.12/24 brd x scope global eth0\n",
+        "n2": "table ip other\ntable netdev rampart_farm_web\n==\n"
+        "2: eth0    inet 198.51.100.12/24 brd x scope global eth0\n",
         "n3": "==\n",
     }
-    assert switch().seen(outputs) == (["n1"], ["n1"])
+    assert switch().seen(outputs) == (["n1"], ["n2"], ["n1"])
 
 
 def test_client_ports_cycle_within_their_range():

@@ -43,6 +43,7 @@ def test_tcp_ruleset_accepts_established_then_owned_syns_then_drops():
     assert (
         f"{match} tcp flags & (fin | syn | rst | ack) == syn"
         " jhash ip saddr . tcp sport mod 256 seed 0x00000abc { 0-3, 7, 9-10, 255 }"
+        " ct mark set jhash ip saddr . tcp sport mod 256 seed 0x00000abc offset 0x72660000"
         ' counter accept comment "owned tcp 80,443"'
     ) in text
     assert f'{match} counter drop comment "dropped tcp 80,443"' in text
@@ -75,7 +76,10 @@ def test_table_names_are_nft_identifiers_and_never_collide():
     assert table_name("web") == "rampart_farm_web"
     assert table_name("web-1") != table_name("web_1")
     assert table_name("web-1").startswith("rampart_farm_web_1_")
-    assert removal("web").text == "table ip rampart_farm_web\ndelete table ip rampart_farm_web\n"
+    assert removal("web").text == (
+        "table ip rampart_farm_web\ndelete table ip rampart_farm_web\n"
+        "table netdev rampart_farm_web\ndelete table netdev rampart_farm_web\n"
+    )
 
 
 @pytest.mark.parametrize(

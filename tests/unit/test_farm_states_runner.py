@@ -18,6 +18,7 @@ import pytest
 from node_service.config import NodeConfig
 from node_service.errors import CommandRefused
 from node_service.farm import buckets
+from node_service.farm.held import HeldFlowsError
 from node_service.farm.nft import PacketFilterError
 from node_service.farm.runner import FarmRunner
 from node_service.journal import Journal
@@ -121,6 +122,8 @@ class FakeEffects:
         self.fail_apply: str | None = None
         self.calls: list[str] = []
         self.script_ok = True
+        self.held_buckets: frozenset[int] = frozenset()  # what conntrack "says"
+        self.held_error: str | None = None
 
     async def lan_interface(self, address):
         self.calls.append(f"lan {address}")
@@ -136,6 +139,12 @@ class FakeEffects:
 
     async def counters(self, module):
         return {"established": 5, "owned": 3, "dropped": 7}
+
+    async def held(self, vips, rules):
+        self.calls.append("held")
+        if self.held_error:
+            raise HeldFlowsError(self.held_error)
+        return self.held_buckets
 
     async def strict_pickup(self, module, memo):
         self.calls.append(f"strict_pickup {module}")
@@ -166,16 +175,27 @@ class FakeEffects:
 
     def owned_in_last_ruleset(self) -> int:
         """Count owned buckets in the last loaded nft text (0 when it owns none)."""
-        text = self.applied[-1]
-        line = next((ln for ln in text.splitlines() if '"owned ' in ln), None)
+        return len(self.buckets_in_last_ruleset('"owned '))
+
+    def buckets_in_last_ruleset(self, comment: str) -> set[int]:
+        """The bucket set of the rule whose comment starts so, in the last script for its table.
+
+        A change of held buckets alone replaces only the netdev table, so the
+        ip table's rules are in the last script that mentions ``table ip``.
+        """
+        family = "table netdev " if "ingress" in comment else "table ip "
+        text = next(t for t in reversed(self.applied) if family in t)
+        line = next((ln for ln in text.splitlines() if comment in ln), None)
         if line is None:
-            return 0
+            return set()
+        if "mod 256 seed " not in line:
+            return set(range(buckets.BUCKETS))  # a rule with no hash: every bucket
         inside = line.split("mod 256 seed ")[1].split("{ ", 1)[1].split(" }")[0]
-        count = 0
+        found = set()
         for part in inside.split(", "):
             lo, _, hi = part.partition("-")
-            count += int(hi or lo) - int(lo) + 1
-        return count
+            found |= set(range(int(lo), int(hi or lo) + 1))
+        return found
 
 
 def make_runner(tmp_path: Path, module: Module, node="n1", hb=None, effects=None) -> FarmRunner:
@@ -224,10 +244,11 @@ def test_start_goes_up_and_loads_its_share_then_takes_a_lost_peers_buckets(tmp_p
             state = runner.state()
             assert (state["kind"], state["state"], state["buckets"]) == ("farm", "UP", mine)
             assert state["alive"] == list(NODES)
-            # Strict conntrack pickup right after the first filter, before the VIP.
+            # The LAN interface first (the filter's ingress drop is on it), then
+            # strict conntrack pickup right after the first filter, before the VIP.
             assert fx.calls[:4] == [
-                "strict_pickup web",
                 "lan 198.51.100.11",
+                "strict_pickup web",
                 f"mac_setup {runner._shared.link} eth0",
                 f"announce 198.51.100.201 {runner._shared.link}",
             ]
@@ -248,6 +269,71 @@ def test_start_goes_up_and_loads_its_share_then_takes_a_lost_peers_buckets(tmp_p
         assert fx.calls.index("remove web") < fx.calls.index("restore_pickup web")
         assert "web" not in hb.payload_fns and runner._tasks == []
         assert [m for m in messages(runner) if m.startswith("STOP -> WAIT")]
+
+    run(scenario())
+
+
+def test_buckets_moving_away_stay_let_through_at_ingress_until_their_flows_end(tmp_path):
+    async def scenario():
+        hb, fx = FakeHeartbeats(), FakeEffects()
+        runner = make_runner(tmp_path, farm_module(), hb=hb, effects=fx)
+        hb.set_peer("n2")
+        hb.set_peer("n3", reachable=False)
+        ingress = '"dropped ingress '
+        try:
+            await runner.start()
+            # Until conntrack was read every bucket passes: no ingress drop at all.
+            assert 'hook ingress device "eth0"' not in fx.applied[0]
+            two = buckets.bucket_map(runner.weights, ("n1", "n2"), runner.seed)
+            big = set(buckets.owned_by(two, "n1"))
+            await until(lambda: fx.buckets_in_last_ruleset(ingress) == set(range(256)) - big)
+            assert 'hook ingress device "eth0"' in fx.applied[-1]
+
+            # n3 comes back and takes its buckets; n1 still holds a flow in one of them.
+            three = buckets.bucket_map(runner.weights, NODES, runner.seed)
+            small = set(buckets.owned_by(three, "n1"))
+            lost = big - small
+            kept = min(lost)
+            fx.held_buckets = frozenset({kept})
+            hb.set_peer("n3")
+            await until(lambda: fx.owned_in_last_ruleset() == len(small))
+            # Same transaction: no longer owned, still let through at ingress.
+            assert fx.buckets_in_last_ruleset(ingress) == set(range(256)) - big
+            # After conntrack is read only the bucket with a live flow stays.
+            await until(
+                lambda: fx.buckets_in_last_ruleset(ingress) == set(range(256)) - small - {kept}
+            )
+            # Only the netdev table was replaced: the ip table keeps its counters.
+            assert "table ip " not in fx.applied[-1]
+            fx.held_buckets = frozenset()
+            await until(lambda: fx.buckets_in_last_ruleset(ingress) == set(range(256)) - small)
+            assert any("no flow of this node left" in m for m in messages(runner))
+        finally:
+            await runner.stop("test over")
+
+    run(scenario())
+
+
+def test_unreadable_conntrack_keeps_every_bucket_let_through_and_says_so_once(tmp_path):
+    async def scenario():
+        hb, fx = FakeHeartbeats(), FakeEffects()
+        fx.held_error = "cannot read conntrack entries: [Errno 93] Protocol not supported"
+        runner = make_runner(tmp_path, farm_module(), hb=hb, effects=fx)
+        hb.set_peer("n2")
+        hb.set_peer("n3")
+        try:
+            await runner.start()
+            await until(lambda: fx.calls.count("held") >= 3)
+            # Nothing known: no ingress drop, never a flow cut; one journal line.
+            assert all("hook ingress" not in text for text in fx.applied)
+            said = [m for m in messages(runner) if m.startswith("held flows not read")]
+            assert len(said) == 1 and "Protocol not supported" in said[0]
+            assert runner.state()["held"] == 256 - runner.state()["buckets"]
+            fx.held_error = None
+            await until(lambda: any("hook ingress" in text for text in fx.applied))
+            assert runner.state()["held"] == 0
+        finally:
+            await runner.stop("test over")
 
     run(scenario())
 

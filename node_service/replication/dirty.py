@@ -24,6 +24,8 @@ commits and keeps recently used regions recorded for ``clear_delay``
 seconds: a hot region costs one commit, not one per write (the same idea as
 DRBD's activity log). A region recorded longer than necessary only costs a
 little extra resync; a region forgotten too early would be a silent gap.
+A file written in order gets a look-ahead that doubles, extended before the
+writer reaches its end (``readahead.py``): a few commits, none waited for.
 
 A region below a directory whose ENTRY is already recorded needs no row of
 its own: that ENTRY (to a resync, the directory's whole subtree) is its
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node_service.errors import FatalError, RetryableError
-from node_service.replication import ops
+from node_service.replication import ops, readahead
 
 log = logging.getLogger("rampart.replication.dirty")
 
@@ -56,7 +58,8 @@ META = ops.META
 ENTRY = ops.ENTRY
 DB_NAME = "dirty.sqlite"
 PRIMARY_ROLE, SECONDARY_ROLE = "primary", "secondary"
-READAHEAD = 15  # regions recorded after a new one: one commit per MiB of a stream
+READAHEAD = 15  # regions recorded after a new one no stream explains (a stream's first 1 MiB)
+MAX_AHEAD = readahead.MAX_AHEAD
 # Regions one ENTRY covers before the paths below it need rows of their own
 # again (a nearer directory's ENTRY, else one row per region): the work a
 # resync after a cut spends on a busy directory stays bounded by activity
@@ -261,6 +264,8 @@ class DirtyTracker:
     until that commit is done. ``release`` says the peer holds the operation
     (the region may be forgotten after ``clear_delay``); ``keep`` says it may
     not (peer absent: the region stays until a resync settles it).
+    ``readahead``: regions recorded beyond a new one (0: no look-ahead at all);
+    ``max_ahead``: a stream's bound beyond its writer; ``commits``: commits made.
     """
 
     def __init__(
@@ -271,10 +276,12 @@ class DirtyTracker:
         clear_delay: float = 1.0,
         before_clear: Callable[[], None] | None = None,
         readahead: int = READAHEAD,
+        max_ahead: int = MAX_AHEAD,
     ):
         self.log = dirty_log
         self.clear_delay = clear_delay
         self.readahead = readahead
+        self.max_ahead = max_ahead
         self._before_clear = before_clear
         self._cond = threading.Condition()
         self._known: dict[DirtyRegion, int] = dict.fromkeys(dirty_log.regions(), 0)
@@ -289,6 +296,8 @@ class DirtyTracker:
         self._cover_of: dict[DirtyRegion, DirtyRegion] = {}
         self._covering: collections.Counter[DirtyRegion] = collections.Counter()  # remembered now
         self._covered: collections.Counter[DirtyRegion] = collections.Counter()  # budget used
+        # (dir, path) -> its look-ahead, for files written within clear_delay
+        self._streams: dict[tuple[str, str], readahead.Stream] = {}
         self._next_epoch = 1
         self._last_clear = 0.0
         self._done_epoch = 0
@@ -317,17 +326,28 @@ class DirtyTracker:
         """
         with self._cond:
             self._raise_failure()
+            idle = not self._pending
             epoch = 0
+            reach: dict[tuple[str, str], tuple[int, int, bool]] = {}  # file: data regions, new
             for r in regions:
                 self._refs[r] += 1
                 at = self._known.get(r)
-                if at is None:
+                new = at is None
+                if new:
                     at = self._remember(r)
                 if at > self._done_epoch:
                     epoch = max(epoch, at)
+                if r.index >= 0 and self.readahead:
+                    lo, hi, was = reach.get((r.dir, r.path), (r.index, r.index, new))
+                    reach[(r.dir, r.path)] = (min(lo, r.index), max(hi, r.index), was or new)
             if ahead:  # after: a cover the regions brought along serves these too
                 self._record_ahead(ahead)
-            if self._pending:
+                if self.readahead:  # a file just opened is written from its start
+                    pairs = (((r.dir, r.path), r.index) for r in ahead)
+                    self._streams.update(readahead.opened(pairs, time.monotonic()))
+            for key, (lo, hi, new) in reach.items():
+                self._follow(key, lo, hi, new)
+            if idle and self._pending:  # else the commit thread was woken already
                 self._cond.notify_all()
             return epoch
 
@@ -342,8 +362,6 @@ class DirtyTracker:
             return at
         at = self._known[r] = self._next_epoch
         self._pending.add(r)
-        if r.index >= 0:
-            self._read_ahead(r)
         return at
 
     def _cover_for(self, r: DirtyRegion, *, promote: bool = True) -> DirtyRegion | None:
@@ -389,20 +407,27 @@ class DirtyTracker:
             linger = COVER_LINGER * self.clear_delay
             heapq.heappush(self._clear_due, (time.monotonic() + linger, cover))
 
-    def _read_ahead(self, r: DirtyRegion) -> None:
-        # A write to a new region is usually followed by writes to the next
-        # ones (files grow and are copied sequentially): recording them in the
-        # same commit saves the next commits. Unused, they are forgotten after
-        # clear_delay like any acknowledged region.
-        self._record_ahead(
-            DirtyRegion(r.dir, r.path, r.index + k) for k in range(1, self.readahead + 1)
-        )
+    def _follow(self, key: tuple[str, str], lo: int, hi: int, new: bool) -> None:
+        # Files grow and are copied in order: regions recorded ahead save the
+        # writes that follow a commit each (readahead.py). Unused, they are
+        # forgotten clear_delay after the writer last touched the file.
+        old, now = self._streams.get(key), time.monotonic()
+        stream, more, _why = readahead.extend(old, lo, hi, new, now, self.readahead, self.max_ahead)
+        if stream is not None:
+            self._streams[key] = stream
+        self._record_ahead([DirtyRegion(*key, k) for k in more])
 
     def _record_ahead(self, regions: Iterable[DirtyRegion]) -> None:
         due = time.monotonic() + self.clear_delay
+        covered: dict[tuple[str, str], bool] = {}  # per path: a stream's extension is one file
         for ahead in regions:
-            # a region ahead that a cover already stands for needs nothing now
-            if ahead not in self._known and self._cover_for(ahead, promote=False) is None:
+            if ahead in self._known:
+                continue
+            key = (ahead.dir, ahead.path)
+            if key not in covered:
+                # a region ahead that a cover already stands for needs nothing now
+                covered[key] = self._cover_for(ahead, promote=False) is not None
+            if not covered[key]:
                 self._known[ahead] = self._next_epoch
                 self._pending.add(ahead)
                 heapq.heappush(self._clear_due, (due, ahead))
@@ -424,10 +449,14 @@ class DirtyTracker:
     def release(self, regions: Iterable[DirtyRegion]) -> None:
         due = time.monotonic() + self.clear_delay
         with self._cond:
+            first = self._clear_due[0][0] if self._clear_due else None
             for r in regions:
                 if self._drop_ref(r) == 0:
                     heapq.heappush(self._clear_due, (due, r))
-            self._cond.notify_all()
+            # The commit thread sleeps until the earliest due region: waking it
+            # for a later one is a hand-off for nothing, per bunch of acks.
+            if self._clear_due and (first is None or self._clear_due[0][0] < first):
+                self._cond.notify_all()
 
     def keep(self, regions: Iterable[DirtyRegion]) -> None:
         with self._cond:
@@ -542,13 +571,19 @@ class DirtyTracker:
         return max(0.0, at - time.monotonic()) + 0.001
 
     def _take_due(self, now: float) -> list[DirtyRegion]:
-        clear = []
+        clear, later = [], []
         while self._clear_due and self._clear_due[0][0] <= now:
             _, r = heapq.heappop(self._clear_due)
             # Re-used since the release, or already forgotten: keep it as is.
             if r in self._refs or r in self._pinned or r not in self._known:
                 continue
-            if self._known[r] > self._done_epoch:
+            if self._known[r] > self._done_epoch:  # a slow commit of regions ahead
+                later.append((now + self.clear_delay, r))
+                continue
+            stream = self._streams.get((r.dir, r.path)) if r.index >= 0 else None
+            if stream is not None and stream.holds(r.index, now, self.clear_delay):
+                # ahead of a writer at work: forgotten, it would cost a commit in series
+                later.append((stream.touched + self.clear_delay, r))
                 continue
             if r in self._covering:
                 continue  # still stands in for others: queued again when they go
@@ -558,4 +593,7 @@ class DirtyTracker:
                 self._uncover(r)  # it has no row of its own: nothing to delete
             else:
                 clear.append(r)
+        for item in later:  # not in the loop: with clear_delay 0 they would be due again
+            heapq.heappush(self._clear_due, item)
+        self._streams = readahead.active(self._streams, now, self.clear_delay)
         return clear

@@ -25,7 +25,12 @@ A pass runs on the primary while the application keeps writing:
    holding the file's inode lock: each application write to the file lands
    either before our read (and is in what we send) or after our submit (and
    its own operation follows ours on the secondary), so concurrent writes
-   end up correct.
+   end up correct. The application may rename a planned file (or a
+   directory above it) before its turn: the pass follows every rename, link
+   and unlink from the end of the namespace phase (``resync_names``) and
+   opens each file by the name it has now, under the namespace lock; a file
+   that changed names before both sides were scanned is sent without trusting
+   the comparison.
 3. fix attributes and directory times, RESYNC_END; once everything is
    acknowledged as written both sides forget the pass's regions and the
    secondary clears its 'stale' flag.
@@ -49,8 +54,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from node_service.replication import frames, ops, verify
-from node_service.replication.dirty import DirtyRegion, decode_regions, plan
+from node_service.replication.dirty import DirtyRegion, decode_regions, dirty_regions, plan
 from node_service.replication.frames import Frame, FrameType
+from node_service.replication.resync_names import PlannedNames
 from node_service.replication.sender import Link, Sender
 from node_service.replication.transport import PeerGone
 from node_service.replication.verify import DIR, FILE, OTHER, SYMLINK, Difference
@@ -241,9 +247,13 @@ class Resync:
         """
         self.running = True
         self.compare_seconds = 0.0
+        self._names: list[PlannedNames] = []
+        self._pins: set[DirtyRegion] = set()
+        self._pins_lock = threading.Lock()
         try:
             return self._run(connect, full)
         finally:
+            self.sender.watch = None
             self.running = False
             self.remaining_bytes = 0
 
@@ -253,6 +263,7 @@ class Resync:
         data_want: list[dict[str, list[int] | None]] = []
         fresh: list[set[str]] = []
         seen: list[dict[str, verify.Entry]] = []
+        wants: list[dict[str, list[int] | None]] = []
         with contextlib.ExitStack() as held:
             for ordering in _distinct(self.orderings):
                 held.enter_context(ordering.namespace())
@@ -275,28 +286,37 @@ class Resync:
                 seen.append(mine)
                 data_want.append({} if want is None else want)
             missed = self.sender.reopen_pending()
+            settled = set(union)
+            for index, dir in enumerate(self.sender.dirs):
+                extra = missed.get(index, set())
+                settled |= extra
+                files = {p: e.size for p, e in seen[index].items() if e.kind == FILE}
+                want = merge_want(data_want[index], wanted(extra, dir))
+                # only files carry data; the namespace phase did the rest's attributes
+                want = {
+                    p: b
+                    for p, b in expand(want, files).items()
+                    if seen[index].get(p, FILE_ENTRY).kind == FILE
+                }
+                if full:  # every file, every block
+                    want = dict.fromkeys(files)
+                wants.append(want)
+                self._names.append(PlannedNames({*want, *fresh[index]}))
+            # From here the application may rename what we planned: follow it
+            # (still under the namespace lock, so no such operation is missed).
+            self.sender.watch = self._watch
         namespace_s = time.monotonic() - started
-        settled = set(union)
         for index, dir in enumerate(self.sender.dirs):
-            extra = missed.get(index, set())
-            settled |= extra
-            files = {p: e.size for p, e in seen[index].items() if e.kind == FILE}
-            want = merge_want(data_want[index], wanted(extra, dir))
-            # only files carry data; the namespace phase did the rest's attributes
-            want = {
-                p: b
-                for p, b in expand(want, files).items()
-                if seen[index].get(p, FILE_ENTRY).kind == FILE
-            }
-            if full:  # every file, every block
-                want = dict.fromkeys(files)
             known = {} if full else _data_regions(ours, dir)
-            count += self._data(index, want, fresh[index], known)
+            count += self._data(index, wants[index], fresh[index], known)
         data_s = time.monotonic() - started - namespace_s
         # answered once the secondary applied everything before it and settled
         self.sender.request(Frame(FrameType.RESYNC_END, 0), self.timeout)
         if not self.sender.drain(self.timeout) or self.sender.link != Link.CONNECTED:
             raise PeerGone(f"resync interrupted: {self.sender.reason}")
+        self.sender.watch = None
+        with self._pins_lock:
+            settled |= self._pins
         if self.sender.settle_if_connected(settled):
             self.sender.tracker.history_known = True
         resent = self.sender.stats().resent_bytes - before
@@ -328,6 +348,21 @@ class Resync:
         return lines
 
     # ---- phases -----------------------------------------------------------------
+
+    def _watch(self, index: int, op: ops.Op) -> None:
+        """An application rename, link or unlink (under the sender's lock, in op order).
+
+        One that touched a planned file is pinned in the dirty log until the
+        pass ends: a pass cut short leaves the file's new name to the next one
+        (the operation's own regions would be forgotten once acknowledged).
+        """
+        if not self._names[index].follow(op):
+            return
+        regions = dirty_regions(self.sender.dirs[index], ops.regions(op, lambda handle: None))
+        self.sender.tracker.add(regions)
+        self.sender.tracker.keep(regions)
+        with self._pins_lock:
+            self._pins.update(regions)
 
     def _compare(self, index: int, want, *, hashes: bool):
         reply = self.sender.request(frames.scan(0, index, want, hashes), self.timeout)
@@ -381,6 +416,7 @@ class Resync:
         """Send every file's differing data and attributes; return how many files."""
         # None: the whole file. A file this pass created is empty on the
         # secondary: there is nothing to compare it with.
+        names = self._names[index]
         plans: dict[str, tuple[tuple[int, int], ...] | None] = dict.fromkeys(fresh)
         compare: dict[str, list[int] | None] = {}
         for path, blocks in want.items():
@@ -400,6 +436,23 @@ class Resync:
                     plans[path] = None
                 else:
                     plans[path] = join_ranges(plans.get(path, ()), ranges)
+            # A file renamed, linked away or unlinked before both scans were
+            # done may have been compared under a name that was no longer its
+            # own: that comparison proves nothing, so all its candidate blocks
+            # go. Read under the namespace lock: every such op applied so far
+            # has been submitted, hence followed.
+            with self.orderings[index].namespace():
+                touched = names.touched(compare)
+            for path in touched:
+                blocks = compare[path]
+                if blocks is None or plans.get(path, ()) is None:
+                    plans[path] = None
+                else:
+                    whole = (i - verify.SUB_BLOCKS for i in blocks)
+                    plans[path] = join_ranges(plans.get(path, ()), block_ranges(whole))
+        for path in want:
+            if path not in plans:
+                names.forget(path)
         self.remaining_bytes += sum(self._planned_bytes(index, p, r) for p, r in plans.items())
         for path in sorted(plans):
             self._file(index, path, plans[path])
@@ -444,22 +497,23 @@ class Resync:
         except OSError:
             return 0
 
-    def _file(self, index: int, path: str, ranges: tuple[tuple[int, int], ...] | None) -> None:
-        """Send ``ranges`` of the file (None: all of it), then its size and attributes."""
+    def _file(self, index: int, planned: str, ranges: tuple[tuple[int, int], ...] | None) -> None:
+        """Send ``ranges`` of the file (None: all of it), then its size and attributes.
+
+        ``planned``: its name in the namespace phase; the file is opened (on
+        both sides) by the name it has now, and followed by its handle from then on.
+        """
         root = self.roots[index]
         submit = self._submitter(index)
         handle = next(RESYNC_HANDLES)
         with self.orderings[index].namespace():
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
-            except (FileNotFoundError, NotADirectoryError):
-                return  # removed since the scan: the application's Unlink follows in order
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                return
+            names = self._names[index]
+            fd, path = self._open_named(root, names.names(planned))
+            names.forget(planned)
+            if fd is None:
+                return  # unlinked since the scan: so it is on the secondary, in order
             submit(ops.Open(handle, path, os.O_WRONLY, 0, -1, -1, False, ()))
-        lock = self.orderings[index].inode(st.st_ino)
+        lock = self.orderings[index].inode(os.fstat(fd).st_ino)
         try:
             with lock:
                 # Same size on both sides from here on: an application truncate
@@ -485,6 +539,19 @@ class Resync:
                 submit(ops.Release(handle))
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _open_named(root: int, names: Sequence[str]) -> tuple[int | None, str]:
+        """The file open by the first of its names that still leads to a regular file."""
+        for path in names:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                return fd, path
+            os.close(fd)
+        return None, ""
 
     def _attributes(self, index: int, path: str) -> None:
         try:

@@ -117,6 +117,9 @@ class Sender(SenderStream):
         self._reader: str | None = None  # who reads the channel now: "acks" or "waiter"
         self._waiters = 0  # application threads in wait() for an acknowledgement
         self._paths = [ops.HandlePaths() for _ in dirs]
+        # A resync pass follows its planned files through the application's
+        # renames: called (index, op) for each Rename/Link/Unlink in op order.
+        self.watch: Callable[[int, ops.Op], None] | None = None
         self._opens: dict[tuple[int, int], ops.Open] = {}
         self._orphans: set[tuple[int, int]] = set()
         self._pending: dict[tuple[int, int], ops.Open] = {}
@@ -280,6 +283,8 @@ class Sender(SenderStream):
             paths = self._paths[index]
             regions = dirty_regions(self.dirs[index], ops.regions(op, paths))
             paths.follow(op)
+            if self.watch is not None and not resync and isinstance(op, NAMES):
+                self.watch(index, op)
             self._follow_opens(index, op)
             epoch = self.tracker.add(regions, opening_ahead(self.dirs[index], op))
             key = (index, getattr(op, "handle", 0))
@@ -455,6 +460,9 @@ class Sender(SenderStream):
             f"{kept} operations in flight kept as dirty regions for resync",
         )
         log.warning("%s -> %s (%s)", was, link, reason)
+
+
+NAMES = (ops.Rename, ops.Link, ops.Unlink)  # what changes the names of an existing file
 
 
 class DirReplicator:

@@ -77,6 +77,8 @@ def dead_mount(tmp_path: Path) -> Iterator[Path]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
         for _ in range(4):
             if not fuse_mounts(data):
                 break

@@ -34,6 +34,7 @@ from node_service.replication.resync import (
     wanted,
 )
 from node_service.replication.sender import Link
+from node_service.replication.transport import PeerGone
 from tests.unit.repl_pair import DIR, Pair, make_site, open_op, write_op
 
 REGION = 64 * 1024
@@ -121,6 +122,25 @@ def block(n: int, size: int = REGION) -> bytes:
     return bytes([n % 251]) * size
 
 
+def crash_secondary(pair: Pair, dst: Path, path: str, at: int, torn: bytes, regions) -> None:
+    """Leave the secondary as a crash does: ``torn`` at ``at`` in its ``path``, the
+    data regions ``regions`` of it in its own dirty log only; then restart it.
+
+    Its tracker is stopped first, as a crash stops it: a live one forgets the
+    file's acknowledged regions on its own schedule and would delete rows
+    written behind its back (under load, after the primary forgot its own:
+    the "1 block differs" flake of test_the_secondary_own_dirty_regions...).
+    """
+    pair.receiver.close()
+    pair.tracker2.close()
+    with open(dst / path, "r+b") as f:
+        f.seek(at)
+        f.write(torn)
+    pair.log2.record([DirtyRegion(DIR, path, i) for i in regions])
+    pair.tracker2 = DirtyTracker(pair.log2, name="n2-restarted", clear_delay=0.05)
+    pair.receiver.tracker = pair.tracker2
+
+
 def test_wanted_and_repair_order_are_pure_plans():
     regions = frozenset(
         {DirtyRegion(DIR, "a", 3), DirtyRegion(DIR, "a", 1), DirtyRegion(DIR, "d", ops.ENTRY)}
@@ -187,15 +207,7 @@ def test_regions_dirty_only_on_the_secondary_are_repaired(trees):
     assert pair.sender.drain(5)
     # as after a crash of the secondary: a block it had in flight is garbage,
     # and only its own dirty log knows
-    with open(dst / "f", "r+b") as f:
-        f.seek(2 * REGION)
-        f.write(b"torn write")
-    pair.log2.record([DirtyRegion(DIR, "f", 2)])
-    pair.receiver.close()
-    pair.tracker2.close()
-
-    pair.tracker2 = DirtyTracker(pair.log2, name="n2-restarted", clear_delay=0.05)
-    pair.receiver.tracker = pair.tracker2
+    crash_secondary(pair, dst, "f", 2 * REGION, b"torn write", [2])
     result = primary.resync()
     assert result.differences >= 1
     assert result.bytes_resent < 2 * REGION
@@ -391,18 +403,24 @@ class ScanLog:
         return {path for body in self.scans if body["hashes"] for path, _ in body["want"] or ()}
 
 
-def forgotten(pair: Pair, keep: set[tuple[str, int]]) -> None:
+def forgotten(pair: Pair, keep: set[tuple[str, int]], *, secondary: bool = False) -> None:
     """Wait until the primary's tracker holds no region but ``keep`` (bounded).
 
     Acknowledged regions and the unused look-ahead are forgotten ``clear_delay``
     after their last use, as long after the writes as a real reconnect comes.
+    ``secondary``: its tracker too. Under load it forgets later, and what it
+    still holds is compared by the next pass (a stream "sent without hashing"
+    was hashed once that way: digests, not bytes, never a lost write).
     """
+    trackers = (pair.tracker1, pair.tracker2) if secondary else (pair.tracker1,)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        extra = {(r.path, r.index) for r in pair.tracker1.recorded()} - keep
+        held = frozenset().union(*(t.recorded() for t in trackers))
+        extra = {(r.path, r.index) for r in held} - keep
         if not extra:
             return
-        pair.tracker1.release(())  # wakes the commit thread
+        for tracker in trackers:
+            tracker.release(())  # wakes the commit thread
         threading.Event().wait(0.05)
     raise AssertionError(f"regions {sorted(extra)[:5]}... still recorded after 10 s")
 
@@ -437,7 +455,7 @@ def test_a_stream_rewritten_while_away_is_sent_without_hashing(trees):
     for i in range(40):
         primary.do(write_op(1, i * REGION, block(i)))
     assert pair.sender.drain(5)
-    forgotten(pair, set())
+    forgotten(pair, set(), secondary=True)
     pair.sender.mark_absent("peer lost")
     for i in range(8, 40):  # a 2 MiB rewrite: 32 consecutive regions
         primary.do(write_op(1, i * REGION, block(200 + i)))
@@ -458,14 +476,8 @@ def test_the_secondary_own_dirty_regions_are_still_compared(trees):
         primary.do(write_op(1, i * REGION, block(i)))
     assert pair.sender.drain(5)
     forgotten(pair, set())
-    with open(dst / "f", "r+b") as f:  # a torn write the secondary had in flight
-        f.seek(20 * REGION + 8192)
-        f.write(b"torn")
-    pair.log2.record([DirtyRegion(DIR, "f", i) for i in range(16, 32)])
-    pair.receiver.close()
-    pair.tracker2.close()
-    pair.tracker2 = DirtyTracker(pair.log2, name="n2-restarted", clear_delay=0.05)
-    pair.receiver.tracker = pair.tracker2
+    # a torn write the secondary had in flight
+    crash_secondary(pair, dst, "f", 20 * REGION + 8192, b"torn", range(16, 32))
     scans = ScanLog(pair.sender)
     result = primary.resync()
     assert differences(src, dst) == []
@@ -513,3 +525,113 @@ def test_a_file_sent_whole_while_the_application_writes_and_resizes_it(trees):
     assert pair.sender.link == Link.CONNECTED
     assert result.differences >= 2
     assert differences(src, dst) == []
+
+
+# ---- renames while the data phase runs (the namespace lock is released) ----------------
+
+
+def at_first_compare(pair: Pair, application) -> list[bool]:
+    """Run ``application`` in its own thread when the data phase first compares.
+
+    The pass holds no ordering lock then (the thread would block otherwise),
+    exactly where a real application's rename falls between the two phases.
+    """
+    request = pair.sender.request
+    ran: list[bool] = []
+
+    def hooked(frame, timeout):
+        if frame.type.name == "SCAN" and json.loads(frame.payload)["hashes"] and not ran:
+            ran.append(True)
+            app = threading.Thread(target=application, name="test-app-renamer")
+            app.start()
+            app.join(10)
+            assert not app.is_alive(), "the application blocked: the pass held a lock"
+        return request(frame, timeout)
+
+    pair.sender.request = hooked
+    return ran
+
+
+def away_with_changes(primary: Primary, pair: Pair, dst: Path) -> None:
+    """d/f torn on the secondary (compared: only its own log knows), d/new created
+    while the peer was away (sent whole, nothing compared)."""
+    pair.connect()
+    primary.do(ops.Mkdir("d", 0o755, 0, 0))
+    primary.do(open_op(1, "d/f"))
+    for i in range(32):
+        primary.do(write_op(1, i * REGION, block(i)))
+    primary.do(ops.Release(1))
+    assert pair.sender.drain(5)
+    forgotten(pair, set())
+    crash_secondary(pair, dst, "d/f", 20 * REGION + 8192, b"torn", range(16, 32))
+    pair.sender.mark_absent("peer lost")
+    primary.do(open_op(2, "d/new"))
+    primary.do(write_op(2, 0, b"created while away" * 1000))
+    primary.do(ops.Release(2))
+
+
+RENAMES = {
+    "file": [ops.Rename("d/f", "d/g")],
+    "file, then a new one under the old name": [
+        ops.Rename("d/f", "d/f.old"),
+        open_op(3, "d/f"),
+        write_op(3, 0, b"a new file"),
+        ops.Release(3),
+    ],
+    "parent directory": [ops.Rename("d", "e")],
+    "twice, and linked": [
+        ops.Rename("d/f", "d/g"),
+        ops.Link("d/g", "d/h"),
+        ops.Unlink("d/g"),
+        ops.Rename("d", "e"),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", RENAMES)
+def test_files_renamed_between_the_phases_are_sent_to_their_new_names(trees, case):
+    primary, pair, src, dst = trees
+    away_with_changes(primary, pair, dst)
+    ran = at_first_compare(pair, lambda: [primary.do(op) for op in RENAMES[case]])
+    primary.resync()
+    assert ran
+    assert pair.sender.drain(5)
+    assert differences(src, dst) == []
+    assert primary.verify() == []
+
+
+def test_a_rename_in_a_pass_cut_short_is_left_to_the_next_pass(trees):
+    primary, pair, src, dst = trees
+    away_with_changes(primary, pair, dst)
+
+    def application() -> None:
+        primary.do(ops.Rename("d", "e"))
+        primary.do(open_op(4, "other"))  # acknowledged after the rename, forgotten with it
+        primary.do(ops.Release(4))
+        pair.sender.mark_absent("peer lost")
+
+    ran = at_first_compare(pair, application)
+    with pytest.raises(PeerGone):
+        primary.resync()
+    assert ran
+    forgotten_region(pair, "other")
+    # the rename's regions outlive their acknowledgement: the next pass sees e/
+    assert DirtyRegion(DIR, "e", ops.ENTRY) in pair.tracker1.recorded()
+    primary.resync()
+    assert differences(src, dst) == []
+
+
+def forgotten_region(pair: Pair, path: str) -> None:
+    """Wait (bounded) until the primary forgot the ENTRY of ``path``.
+
+    Acknowledged after the rename, so due after it: the rename's regions
+    are gone by then unless something keeps them.
+    """
+    entry = DirtyRegion(DIR, path, ops.ENTRY)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if entry not in pair.tracker1.recorded():
+            return
+        pair.tracker1.release(())  # wakes the commit thread
+        threading.Event().wait(0.05)
+    raise AssertionError(f"{path} still recorded after 10 s")

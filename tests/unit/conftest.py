@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from node_service.cli import main
+from node_service.replication.dirty import DirtyLog
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,13 @@ def rampart(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
         return CliResult(rc, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture
+def dirty_log(tmp_path) -> Iterator[DirtyLog]:
+    """A module's dirty log (SQLite WAL) in a fresh directory, closed afterwards."""
+    log = DirtyLog(tmp_path / "dirty.sqlite")
+    try:
+        yield log
+    finally:
+        log.close()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,3 +135,24 @@ def real_appliers(dest: Path):
     """A factory of real Appliers on ``dest`` (a new handle table per connection)."""
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     return fd, lambda: [Applier(fd)]
+
+
+@contextmanager
+def pairs(site: Path, tmp_path: Path) -> Iterator[Callable[..., Pair]]:
+    """A factory of pairs sharing one site's secrets; every pair made is closed at the end."""
+    made: list[Pair] = []
+
+    def make(**kw) -> Pair:
+        root = tmp_path / f"pair{len(made)}"
+        root.mkdir()
+        for name in ("n1", "n2", "n3", "other-n1"):
+            (root / name).symlink_to(site / name)
+        pair = Pair(root, **kw)
+        made.append(pair)
+        return pair
+
+    try:
+        yield make
+    finally:
+        for pair in made:
+            pair.close()

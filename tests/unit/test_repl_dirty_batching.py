@@ -5,15 +5,11 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from node_service.replication import ops
 from node_service.replication.dirty import (
     META,
     READAHEAD,
-    DirtyLog,
     DirtyTracker,
     opening_ahead,
 )
@@ -22,15 +18,6 @@ from tests.unit.test_repl_dirty import D, R, eventually
 
 def opened(path: str = "f", *, created: bool = True, flags: int = os.O_WRONLY) -> ops.Open:
     return ops.Open(1, path, flags, 0o644, 0, 0, created)
-
-
-@pytest.fixture
-def dirty_log(tmp_path) -> Iterator[DirtyLog]:
-    log = DirtyLog(tmp_path / "dirty.sqlite")
-    try:
-        yield log
-    finally:
-        log.close()
 
 
 def test_a_created_or_truncated_file_gets_its_first_data_regions_ahead():

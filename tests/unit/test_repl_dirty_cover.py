@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,15 +20,6 @@ from node_service.replication.dirty import (
     opening_ahead,
 )
 from tests.unit.test_repl_dirty import D, R, eventually
-
-
-@pytest.fixture
-def dirty_log(tmp_path) -> Iterator[DirtyLog]:
-    log = DirtyLog(tmp_path / "dirty.sqlite")
-    try:
-        yield log
-    finally:
-        log.close()
 
 
 def created(handle: int, path: str) -> ops.Open:

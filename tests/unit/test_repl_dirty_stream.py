@@ -5,15 +5,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
-
-import pytest
 
 from node_service.replication import ops, readahead
 from node_service.replication.dirty import (
     META,
     READAHEAD,
-    DirtyLog,
     DirtyTracker,
     opening_ahead,
 )
@@ -21,15 +17,6 @@ from node_service.replication.readahead import MAX_AHEAD, Stream, extend
 from tests.unit.test_repl_dirty import D, R, eventually, fresh_view
 
 MIB_REGIONS = (1 << 20) // ops.REGION_SIZE  # 16
-
-
-@pytest.fixture
-def dirty_log(tmp_path) -> Iterator[DirtyLog]:
-    log = DirtyLog(tmp_path / "dirty.sqlite")
-    try:
-        yield log
-    finally:
-        log.close()
 
 
 def simulate(total_regions: int, per_write: int) -> tuple[int, int]:

@@ -18,9 +18,9 @@ from node_service.replication.transport import PeerGone
 from tests.unit.repl_pair import (
     DIR,
     GatedApplier,
-    Pair,
     make_site,
     open_op,
+    pairs,
     real_appliers,
     write_op,
 )
@@ -35,22 +35,8 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def pair_factory(site, tmp_path) -> Iterator:
-    made: list[Pair] = []
-
-    def make(**kw) -> Pair:
-        root = tmp_path / f"pair{len(made)}"
-        root.mkdir()
-        for name in ("n1", "n2", "n3", "other-n1"):
-            (root / name).symlink_to(site / name)
-        pair = Pair(root, **kw)
-        made.append(pair)
-        return pair
-
-    try:
+    with pairs(site, tmp_path) as make:
         yield make
-    finally:
-        for pair in made:
-            pair.close()
 
 
 def in_thread(fn, *args) -> tuple[threading.Thread, threading.Event]:

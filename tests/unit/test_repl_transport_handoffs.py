@@ -20,7 +20,7 @@ from node_service.replication.link import Releases
 from node_service.replication.receiver import INLINE_APPLY_BYTES, inline_apply
 from node_service.replication.sender import Sender
 from node_service.replication.transport import JOIN_BYTES, _slices
-from tests.unit.repl_pair import GatedApplier, Pair, make_site, open_op, write_op
+from tests.unit.repl_pair import GatedApplier, Pair, make_site, open_op, pairs, write_op
 
 WRITERS = 6
 OPS_PER_WRITER = 60
@@ -33,22 +33,8 @@ def site(tmp_path_factory):
 
 @pytest.fixture
 def pair_factory(site, tmp_path) -> Iterator:
-    made: list[Pair] = []
-
-    def make(**kw) -> Pair:
-        root = tmp_path / f"pair{len(made)}"
-        root.mkdir()
-        for name in ("n1", "n2", "n3", "other-n1"):
-            (root / name).symlink_to(site / name)
-        pair = Pair(root, **kw)
-        made.append(pair)
-        return pair
-
-    try:
+    with pairs(site, tmp_path) as make:
         yield make
-    finally:
-        for pair in made:
-            pair.close()
 
 
 class ThreadNotingApplier(GatedApplier):

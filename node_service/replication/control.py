@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -315,7 +314,7 @@ class ProcessReplication:
         role, self.role = self.role, "off"
         self.last = {}
         reason = f"replication process of {self.name} exited unexpectedly (code {code})"
-        cleaned = await asyncio.to_thread(_clear_leftovers, self.module.replicated_dirs)
+        _, cleaned = await asyncio.to_thread(_clear_leftovers, self.module.replicated_dirs)
         self.journal.error(f"{reason}; {cleaned}", self.name)
         self.on_failure(reason)
         self.on_change()
@@ -354,10 +353,8 @@ class ProcessReplication:
         """
         if self._writer is not None or await self._control_answers():
             return None
-        dirs = self.module.replicated_dirs
-        if not await asyncio.to_thread(_has_leftovers, dirs):
-            return None
-        return await asyncio.to_thread(_clear_leftovers, dirs)
+        detached, text = await asyncio.to_thread(_clear_leftovers, self.module.replicated_dirs)
+        return text if detached else None
 
     async def _control_answers(self) -> bool:
         try:
@@ -389,7 +386,7 @@ class ProcessReplication:
         if how != "stopped" and code is None:
             how = "not answering (adopted process)"
         await self._end_tasks()
-        cleaned = await asyncio.to_thread(_clear_leftovers, self.module.replicated_dirs)
+        _, cleaned = await asyncio.to_thread(_clear_leftovers, self.module.replicated_dirs)
         acceptor = Acceptor.shared(self.node.api_socket, self.node.replication_port)
         await acceptor.unregister(self.name)
         self.role = "off"
@@ -419,21 +416,12 @@ class ProcessReplication:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _has_leftovers(dirs: tuple[str, ...]) -> bool:
-    from node_service.replication.mount import mounted_at
-
-    return any(
-        m.fstype.startswith("fuse") or "ro" in m.options
-        for d in dirs
-        for m in mounted_at(os.path.realpath(d))
-    )
-
-
-def _clear_leftovers(dirs: tuple[str, ...]) -> str:
+def _clear_leftovers(dirs: tuple[str, ...]) -> tuple[int, str]:
+    """How many mounts were detached, and what to journal."""
     from node_service.replication.roles import clear_leftovers
 
     try:
-        clear_leftovers(dirs)
+        detached = clear_leftovers(dirs)
     except RampartError as exc:
-        return f"leftover mounts could not all be removed: {exc}"
-    return "no mount left behind"
+        return 1, f"leftover mounts could not all be removed: {exc}"
+    return detached, "no mount left behind"

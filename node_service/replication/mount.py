@@ -355,6 +355,15 @@ def _our_view(path: str) -> MountEntry | None:
 def unprotect(directory: str, *, timeout: float = UNMOUNT_TIMEOUT_S) -> str:
     """Remove the read-only view(s) so the directory is writable again (idempotent)."""
     path = os.path.realpath(directory)
+    removed = remove_views(path, timeout=timeout)
+    return (
+        f"removed {removed} read-only view(s) at {path}" if removed else f"{path} was not protected"
+    )
+
+
+def remove_views(directory: str, *, timeout: float = UNMOUNT_TIMEOUT_S) -> int:
+    """``unprotect`` for callers that need the count: how many read-only views were removed."""
+    path = os.path.realpath(directory)
     removed = 0
     for _ in range(8):  # bounded: views stacked by repeated protect calls
         if _our_view(path) is None:
@@ -365,6 +374,4 @@ def unprotect(directory: str, *, timeout: float = UNMOUNT_TIMEOUT_S) -> str:
         if done.returncode != 0:
             raise MountError(f"{path}: cannot remove the read-only view: {done.stderr.strip()}")
         removed += 1
-    return (
-        f"removed {removed} read-only view(s) at {path}" if removed else f"{path} was not protected"
-    )
+    return removed

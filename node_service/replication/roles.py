@@ -51,16 +51,18 @@ def secondary_status(mode: str, stats: Any, synced: bool) -> dict[str, Any]:
     }
 
 
-def clear_leftovers(dirs: tuple[str, ...]) -> None:
+def clear_leftovers(dirs: tuple[str, ...]) -> int:
     """Remove what a crashed run left at the replicated dirs: a dead FUSE mount, a read-only view.
 
     A FUSE mount whose process died answers every call with ENOTCONN; it is
-    detached lazily (``fusermount3 -u -z``) so nothing hangs on it.
+    detached lazily (``fusermount3 -u -z``) so nothing hangs on it. Returns
+    how many mounts were detached.
     """
     import subprocess
 
-    from node_service.replication.mount import mounted_at, unprotect
+    from node_service.replication.mount import mounted_at, remove_views
 
+    detached = 0
     for d in dirs:
         path = os.path.realpath(d)
         for _ in range(8):  # bounded: stacked leftovers
@@ -69,7 +71,9 @@ def clear_leftovers(dirs: tuple[str, ...]) -> None:
             subprocess.run(
                 ["fusermount3", "-u", "-z", path], capture_output=True, timeout=10, check=False
             )
-        unprotect(path)
+            detached += 1
+        detached += remove_views(path)
+    return detached
 
 
 def ensure_dirs(dirs: tuple[str, ...]) -> list[str]:

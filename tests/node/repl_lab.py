@@ -164,3 +164,15 @@ class ReplSite:
                     return entry
             time.sleep(POLL_S * 2)
         raise AssertionError(f"{node}: no journal entry like {pattern!r}\n{self.tail(node)}")
+
+
+def started_site(lab: dict, workdir: Path) -> ReplSite:
+    """The mirror module installed with a 2 s heartbeat timeout, PRIM on the first node, the
+    second node up to date."""
+    s = ReplSite(lab, workdir)
+    s.install_and_start(
+        tweak=lambda xml: xml.replace('heartbeat_timeout_ms="3000"', 'heartbeat_timeout_ms="2000"')
+    )
+    s.wait(s.nodes[0], "PRIM")
+    s.wait_uptodate(s.nodes[1])
+    return s

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.repl_lab import DIR, MODULE, ReplSite, record
+from tests.node.repl_lab import DIR, MODULE, ReplSite, record, started_site
 
 pytestmark = pytest.mark.node
 
@@ -35,13 +35,7 @@ FIRST_ACKS_S = 20.0
 def site(fresh_lab, tmp_path_factory) -> ReplSite:
     workdir = tmp_path_factory.mktemp("repl-lab")
     os.chmod(workdir, 0o755)  # read by the writer inside the lab hosts
-    s = ReplSite(fresh_lab, workdir)
-    s.install_and_start(
-        tweak=lambda xml: xml.replace('heartbeat_timeout_ms="3000"', 'heartbeat_timeout_ms="2000"')
-    )
-    s.wait(s.nodes[0], "PRIM")
-    s.wait_uptodate(s.nodes[1])
-    return s
+    return started_site(fresh_lab, workdir)
 
 
 def test_writes_on_the_primary_appear_on_the_secondary_which_refuses_local_writes(site):

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.node.repl_lab import DIR, MODULE, ReplSite
+from tests.node.repl_lab import DIR, MODULE, ReplSite, started_site
 
 pytestmark = pytest.mark.node
 
@@ -49,13 +49,7 @@ def site(fresh_lab, tmp_path_factory) -> ReplSite:
     workdir = tmp_path_factory.mktemp("repl-faults")
     os.chmod(workdir, 0o755)
     (workdir / "paced.py").write_text(PACED_BLOCKS)
-    s = ReplSite(fresh_lab, workdir)
-    s.install_and_start(
-        tweak=lambda xml: xml.replace('heartbeat_timeout_ms="3000"', 'heartbeat_timeout_ms="2000"')
-    )
-    s.wait(s.nodes[0], "PRIM")
-    s.wait_uptodate(s.nodes[1])
-    return s
+    return started_site(fresh_lab, workdir)
 
 
 def test_a_full_disk_on_the_secondary_marks_it_stale_with_a_clear_event(site):

@@ -12,29 +12,18 @@ from pathlib import Path
 import pytest
 
 from node_service.replication import verify
-from node_service.replication.applier import Applier
-from node_service.replication.mount import ReplicatedMount, mount_replicated, protect_readonly
+from node_service.replication.mount import ReplicatedMount
 from node_service.replication.resync import Resync
 from node_service.replication.sender import Link
-from tests.unit.repl_pair import DIR, Pair, make_site
+from tests.unit.repl_pair import DIR, Pair, mirrored_over_fuse
 
 pytestmark = pytest.mark.node
 
 
 @pytest.fixture
 def mirrored(tmp_path) -> Iterator[tuple[Pair, Path, Path, ReplicatedMount]]:
-    root = make_site(tmp_path / "site")
-    src, dst = tmp_path / "primary", tmp_path / "secondary"
-    src.mkdir()
-    dst.mkdir()
-    with protect_readonly(str(dst)) as view:
-        pair = Pair(root, appliers=lambda: [Applier(view.fd)], timeout=2.0)
-        try:
-            pair.connect()
-            with mount_replicated(str(src), pair.replicator, name="rt-repl") as mount:
-                yield pair, src, dst, mount
-        finally:
-            pair.close()
+    with mirrored_over_fuse(tmp_path, "rt-repl") as made:
+        yield made
 
 
 def identical(primary_fd: int, dst: Path) -> list[str]:

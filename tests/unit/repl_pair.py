@@ -156,3 +156,25 @@ def pairs(site: Path, tmp_path: Path) -> Iterator[Callable[..., Pair]]:
     finally:
         for pair in made:
             pair.close()
+
+
+@contextmanager
+def mirrored_over_fuse(tmp_path: Path, name: str) -> Iterator[tuple[Pair, Path, Path, object]]:
+    """A connected pair with the real FUSE layer over ``primary`` and a read-only ``secondary``.
+
+    Yields (pair, primary dir, secondary dir, the ReplicatedMount); needs root and FUSE.
+    """
+    from node_service.replication.mount import mount_replicated, protect_readonly
+
+    root = make_site(tmp_path / "site")
+    src, dst = tmp_path / "primary", tmp_path / "secondary"
+    src.mkdir()
+    dst.mkdir()
+    with protect_readonly(str(dst)) as view:
+        pair = Pair(root, appliers=lambda: [Applier(view.fd)], timeout=2.0)
+        try:
+            pair.connect()
+            with mount_replicated(str(src), pair.replicator, name=name) as mount:
+                yield pair, src, dst, mount
+        finally:
+            pair.close()

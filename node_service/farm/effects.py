@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from node_service.errors import RampartError
-from node_service.farm import conntrack, held, macvlan, nft
+from node_service.farm import conntrack, flows, held, macvlan, nft
 
 
 class FarmEffects:
@@ -58,6 +58,9 @@ class FarmEffects:
 
     async def held(self, vips: Sequence[str], rules: Sequence[nft.FilterRule]) -> frozenset[int]:
         return await asyncio.to_thread(held.read_held, vips, rules)
+
+    async def flows(self, vips: Sequence[str], ports: Sequence[int]) -> frozenset[flows.Flow]:
+        return await asyncio.to_thread(flows.read_flows, vips, ports)
 
     async def mac_setup(self, spec: macvlan.SharedMac) -> str:
         return await asyncio.to_thread(functools.partial(macvlan.setup, spec, nft=self.nft))

@@ -9,39 +9,45 @@ map gives it. Python never predicts a kernel bucket: all nodes run the same
 jhash with the same seed, so they only have to agree on which node owns
 which bucket *number* (see ``buckets.py`` and docs/dev/farm.md).
 
-Rules, per farm rule (protocol + ports). Every node receives every client
-packet, so the common case on a node is a packet it will drop; the rules
-are ordered so that case costs least:
+TCP rules keep no per-flow state in the steady state (no conntrack): a
+packet's fate is decided by its bucket and by what this node's TCP stack
+knows. At the LAN interface's ``netdev ingress`` hook (``device``), before
+IP, per TCP rule ("the gate"):
 
-0. (chain ``early``, ``raw`` priority, before conntrack) a TCP bare SYN in
-   a bucket this node does not own: drop. Conntrack never sees it, so no
-   entry is allocated and freed for the other nodes' new clients.
-1. conntrack ``invalid``: drop. With ``nf_conntrack_tcp_loose=0`` (set by
-   the runner, see ``conntrack.py``) a mid-stream packet of a flow this
-   node does not know is invalid instead of a new entry picked up.
-2. conntrack ``established,related``: accept, whatever the bucket. This is
-   what keeps a flow on the node where it started when its bucket moves.
-3. a new flow in an owned bucket: accept. For TCP only a bare SYN starts a
-   flow; a mid-stream packet this node has no conntrack entry for belongs to
-   another node's flow and must not reach the TCP stack (it would answer
-   with a reset and kill that flow).
-4. anything else to the VIP on those ports: drop, silently.
+1. a packet (not a bare SYN) of a flow this node *holds* (``held_flows``:
+   client address and port of connections it accepted in buckets it no
+   longer owns, read from its sockets, see ``flows.py``): accept;
+2. a bucket this node does not own: drop (every packet when it owns
+   nothing, no hash then);
+3. a bare SYN of an owned bucket: count it (``owned``) and accept.
 
-Rules 1-4 are in chain ``prerouting`` at the ``mangle`` priority: after
-conntrack (so the state is known) and before routing and the input path. A
-dropped first packet leaves no conntrack entry behind (entries are
-confirmed only when a packet survives), so a non-owner keeps no trace of
-other nodes' flows. Every drop rule's comment starts with ``dropped``, so
-``counters`` adds them up.
+Everything else (mid-stream packets of owned buckets) goes on untouched.
+Without a device (tests) the same lines run in the ip table's ``early``
+chain (prerouting, raw priority).
 
-Before all of that, when the filter knows the node's LAN interface
-(``device``), a ``table netdev`` of the same name drops packets of buckets
-this node neither owns nor holds flows in at the interface's ``ingress``
-hook, before IP and conntrack see them: on a non-owner that is most of the
-farm's packets, and it is the bulk of their cost (docs/dev/farm.md).
-``held`` lists the buckets in which this node may still hold flows (after
-a bucket moved away); rule 3 writes each accepted flow's bucket into its
-conntrack mark (``MARK_BASE`` + bucket) so ``held.py`` can read them back.
+Right after buckets moved *to* this node from a node that may still hold
+flows in them, this node's TCP stack would answer those flows' packets
+with a reset and kill them. So those buckets are *guarded* (``guarded``,
+see ``guard.py``) until every peer says it holds nothing: only there
+conntrack runs (every other bucket of the module's ports is ``notrack`` at
+raw priority, both directions), and a guarded bucket's packet passes only
+if it is a bare SYN, a flow conntrack saw start, or a flow this node holds;
+anything else (another node's flow) is dropped silently.
+
+UDP rules have no handshake and no per-flow socket, so they keep conntrack
+(``prerouting`` chain, mangle priority, after conntrack):
+
+1. conntrack ``invalid``: drop;
+2. conntrack ``established,related``: accept, whatever the bucket (what
+   keeps a flow where it started when its bucket moves);
+3. a new flow in an owned bucket: accept, and write its bucket into the
+   flow's conntrack mark (``MARK_BASE`` + bucket) so ``held.py`` can read
+   back the buckets in which this node still has flows (``held``);
+4. anything else: drop.
+
+and at ingress a UDP packet whose bucket is neither owned nor held is
+dropped. Every drop rule's comment starts with ``dropped``, so ``counters``
+adds them up.
 
 Replacement is atomic: the script creates each table if needed, deletes it
 and defines it again, all in one ``nft -f`` transaction; the kernel applies
@@ -79,6 +85,7 @@ KINDS = (ESTABLISHED, OWNED, DROPPED)
 MARK_BASE = 0x7266_0000
 MARK_MASK = 0xFFFF_FF00
 ALL_BUCKETS = frozenset(range(BUCKETS))
+HELD_SET = "held_flows"  # named set: its elements change without replacing the table
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
@@ -105,9 +112,13 @@ class FarmFilter:
     seed: int
     owned: frozenset[int]
     # The LAN interface for the ingress drop (None: no ingress table) and the
-    # buckets let through there besides ``owned`` (flows this node may hold).
+    # buckets let through there besides ``owned`` for UDP (conntrack-held).
     device: str | None = None
     held: frozenset[int] = ALL_BUCKETS
+    # TCP: flows (client address, port) this node holds outside its owned
+    # buckets, and owned buckets guarded against other nodes' flows.
+    held_flows: frozenset[tuple[str, int]] = frozenset()
+    guarded: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -128,10 +139,15 @@ def node_filter(
     node: str,
     device: str | None = None,
     held: frozenset[int] = ALL_BUCKETS,
+    held_flows: frozenset[tuple[str, int]] = frozenset(),
+    guarded: frozenset[int] = frozenset(),
 ) -> FarmFilter:
     """The filter of ``node`` for the bucket map ``owners``."""
     owned = owned_by(owners, node)
-    return FarmFilter(module, tuple(vips), tuple(rules), seed, owned, device, held)
+    return FarmFilter(
+        module, tuple(vips), tuple(rules), seed, owned, device, held, held_flows,
+        guarded & owned,
+    )  # fmt: skip
 
 
 def table_name(module: str) -> str:
@@ -173,9 +189,23 @@ def _check(farm: FarmFilter) -> None:
         raise UserError(f"{where}: seed {farm.seed!r} is not a 32-bit unsigned integer")
     if farm.device is not None and not _IFNAME.match(farm.device):
         raise UserError(f"{where}: interface {farm.device!r} is not an interface name (1-15 chars)")
-    bad = sorted(b for b in farm.owned | farm.held if not (isinstance(b, int) and 0 <= b < BUCKETS))
+    buckets = farm.owned | farm.held | farm.guarded
+    bad = sorted(b for b in buckets if not (isinstance(b, int) and 0 <= b < BUCKETS))
     if bad:
         raise UserError(f"{where}: bucket {bad[0]!r} is not a bucket number 0-{BUCKETS - 1}")
+    for flow in farm.held_flows:
+        _check_flow(where, flow)
+
+
+def _check_flow(where: str, flow: tuple[str, int]) -> None:
+    try:
+        address, port = flow
+        ipaddress.IPv4Address(address)
+        ok = isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"{where}: held flow {flow!r} is not an IPv4 address and a port")
 
 
 def _elements(values: Iterable[int]) -> str:
@@ -198,6 +228,12 @@ def _hash_expr(rule: FilterRule, seed: int) -> str:
     return f"jhash {key} mod {BUCKETS} seed 0x{seed:08x}"
 
 
+def _reply_hash_expr(rule: FilterRule, seed: int) -> str:
+    """The same bucket for a packet going back to the client (its address and port as daddr)."""
+    key = "ip daddr" if rule.criterion == "ip" else f"ip daddr . {rule.protocol} dport"
+    return f"jhash {key} mod {BUCKETS} seed 0x{seed:08x}"
+
+
 def _mark_expr(rule: FilterRule, seed: int) -> str:
     return f"ct mark set {_hash_expr(rule, seed)} offset 0x{MARK_BASE:08x}"
 
@@ -211,27 +247,87 @@ def _match(farm: FarmFilter, rule: FilterRule) -> str:
     return f"ip daddr {_elements_ip(farm.vips)} {rule.protocol} dport {_elements(rule.ports)}"
 
 
+def _reply_match(farm: FarmFilter, rule: FilterRule) -> str:
+    return f"ip saddr {_elements_ip(farm.vips)} {rule.protocol} sport {_elements(rule.ports)}"
+
+
 def _label(rule: FilterRule) -> str:
     return f"{rule.protocol} {','.join(str(p) for p in sorted(set(rule.ports)))}"
 
 
-def _early_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
-    """Rule 0: other nodes' new TCP clients, dropped before conntrack looks at them.
+def _tcp(farm: FarmFilter) -> list[FilterRule]:
+    return [rule for rule in farm.rules if rule.protocol == "tcp"]
 
-    UDP has no SYN: a UDP packet of a non-owned bucket may belong to a flow
-    this node holds, which only conntrack knows.
+
+def _udp(farm: FarmFilter) -> list[FilterRule]:
+    return [rule for rule in farm.rules if rule.protocol == "udp"]
+
+
+def _gate_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
+    """A TCP rule's whole steady-state filter: held flows, foreign buckets, owned SYNs.
+
+    No conntrack: a held flow is known by its client address and port, a
+    new flow by its bare SYN; any other packet of an owned bucket belongs
+    to this node (or, in a guarded bucket, is sorted out by ``_guard_lines``).
     """
-    foreign = set(range(BUCKETS)) - set(farm.owned)
-    if rule.protocol != "tcp" or not foreign:
+    match, label = _match(farm, rule), _label(rule)
+    lines = [
+        # A bare SYN of a held address and port is a new connection: it goes
+        # to the bucket's owner, like any other.
+        f"{match} tcp flags & (fin | syn | rst | ack) != syn ip saddr . tcp sport @{HELD_SET}"
+        f' counter accept comment "{ESTABLISHED} {label}"'
+    ]
+    foreign = ALL_BUCKETS - farm.owned
+    if foreign == ALL_BUCKETS:
+        lines.append(f'{match} counter drop comment "{DROPPED} ingress {label}"')
+    elif foreign:
+        lines.append(
+            f"{match} {_hash_expr(rule, farm.seed)} {_elements(foreign)}"
+            f' counter drop comment "{DROPPED} ingress {label}"'
+        )
+    if farm.owned:
+        lines.append(f'{match}{_syn(rule)} counter accept comment "{OWNED} {label}"')
+    return lines
+
+
+def _notrack_lines(farm: FarmFilter, rule: FilterRule) -> tuple[list[str], list[str]]:
+    """Conntrack only for guarded buckets: everything else of the rule is ``notrack``.
+
+    Both directions: a reply leaving untracked costs nothing, one tracked
+    would be picked up mid-stream as a new entry per packet.
+    """
+    if not farm.guarded:
+        return [], []
+    rest = ALL_BUCKETS - farm.guarded
+    if not rest:
+        return [], []
+    inbound = f"{_match(farm, rule)} {_hash_expr(rule, farm.seed)} {_elements(rest)} notrack"
+    outbound = (
+        f"{_reply_match(farm, rule)} {_reply_hash_expr(rule, farm.seed)} {_elements(rest)} notrack"
+    )
+    return [inbound], [outbound]
+
+
+def _guard_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
+    """Guarded buckets: new flows, flows conntrack saw start and held flows pass; no other.
+
+    Another node's flow in a bucket that just moved here is a mid-stream
+    packet conntrack never saw start: dropped silently, never reset.
+    """
+    if not farm.guarded:
         return []
-    # Owning nothing (WAIT): every SYN goes, no hash needed.
-    bucket = "" if not farm.owned else f" {_hash_expr(rule, farm.seed)} {_elements(foreign)}"
-    comment = f'comment "{DROPPED} syn {_label(rule)}"'
-    return [f"{_match(farm, rule)}{_syn(rule)}{bucket} counter drop {comment}"]
+    match, label = _match(farm, rule), _label(rule)
+    guarded = f"{match} {_hash_expr(rule, farm.seed)} {_elements(farm.guarded)}"
+    return [
+        f"{guarded} ct state established,related accept",
+        f"{guarded} ip saddr . tcp sport @{HELD_SET} accept",
+        f"{guarded}{_syn(rule)} accept",
+        f'{guarded} counter drop comment "{DROPPED} guarded {label}"',
+    ]
 
 
 def _ingress_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
-    """Packets of buckets this node neither owns nor holds flows in, dropped before IP.
+    """UDP packets of buckets this node neither owns nor holds flows in, dropped before IP.
 
     Safe for every state: a packet dropped here is one the ip table would
     drop too (no owned bucket, so no new flow; not a held bucket, so no
@@ -247,6 +343,7 @@ def _ingress_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
 
 
 def _rule_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
+    """A UDP rule after conntrack: invalid, established, owned (marked), the rest."""
     match, label = _match(farm, rule), _label(rule)
     lines = [
         f'{match} ct state invalid counter drop comment "{DROPPED} invalid {label}"',
@@ -254,11 +351,35 @@ def _rule_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
     ]
     if farm.owned:
         lines.append(
-            f"{match}{_syn(rule)} {_hash_expr(rule, farm.seed)} {_elements(farm.owned)}"
+            f"{match} {_hash_expr(rule, farm.seed)} {_elements(farm.owned)}"
             f' {_mark_expr(rule, farm.seed)} counter accept comment "{OWNED} {label}"'
         )
     lines.append(f'{match} counter drop comment "{DROPPED} {label}"')
     return lines
+
+
+def _flow_elements(flows: Iterable[tuple[str, int]]) -> str:
+    # Printed from the parsed form: only a checked address ever reaches nft.
+    ordered = sorted((ipaddress.IPv4Address(a), p) for a, p in flows)
+    return ", ".join(f"{a} . {p}" for a, p in ordered)
+
+
+def _set_lines(farm: FarmFilter) -> list[str]:
+    lines = [f"\tset {HELD_SET} {{", "\t\ttype ipv4_addr . inet_service"]
+    if farm.held_flows:
+        lines.append(f"\t\telements = {{ {_flow_elements(farm.held_flows)} }}")
+    return [*lines, "\t}"]
+
+
+def _chain(name: str, hook: str, priority: str, lines: list[str]) -> list[str]:
+    if not lines:
+        return []
+    return [
+        f"\tchain {name} {{",
+        f"\t\ttype filter hook {hook} priority {priority}; policy accept;",
+        *(f"\t\t{line}" for line in lines),
+        "\t}",
+    ]
 
 
 def _elements_ip(vips: Sequence[str]) -> str:
@@ -270,26 +391,33 @@ def build(farm: FarmFilter, *, ingress_only: bool = False) -> Ruleset:
     """The nft script giving this node its share of the farm's clients.
 
     ``ingress_only``: replace the netdev table alone, for a change of the
-    held buckets only (the ip table, and its counters, stay as they are).
+    UDP held buckets only (the ip table, and its counters, stay as they are).
     """
     _check(farm)
     table = table_name(farm.module)
-    early = [line for rule in farm.rules for line in _early_lines(farm, rule)]
-    body = [line for rule in farm.rules for line in _rule_lines(farm, rule)]
-    ingress = [line for rule in farm.rules for line in _ingress_lines(farm, rule)]
-    # Without a device or anything to drop there, the netdev table is only removed.
+    tcp, udp = _tcp(farm), _udp(farm)
+    gate = [line for rule in tcp for line in _gate_lines(farm, rule)]
+    ingress = [line for rule in udp for line in _ingress_lines(farm, rule)]
+    on_device = farm.device is not None
+    notrack_in, notrack_out = [], []
+    for rule in tcp:
+        inbound, outbound = _notrack_lines(farm, rule)
+        notrack_in += inbound
+        notrack_out += outbound
+    guard = [line for rule in tcp for line in _guard_lines(farm, rule)]
+    body = guard + [line for rule in udp for line in _rule_lines(farm, rule)]
+    # Without a device or anything to do there, the netdev table is only removed.
     netdev = [f"table netdev {table}", f"delete table netdev {table}"]
-    if farm.device is not None and ingress:
+    if on_device and (gate or ingress):
         netdev += [
             f"table netdev {table} {{",
-            "\tchain ingress {",
-            f'\t\ttype filter hook ingress device "{farm.device}" priority filter; policy accept;',
-            *(f"\t\t{line}" for line in ingress),
-            "\t}",
+            *(_set_lines(farm) if tcp else []),
+            *_chain("ingress", f'ingress device "{farm.device}"', "filter", gate + ingress),
             "}",
         ]
     if ingress_only:
         return Ruleset(farm.module, table, "\n".join([*netdev, ""]))
+    early = ([] if on_device else gate) + notrack_in
     text = "\n".join(
         [
             # Create-then-delete makes the replacement work whether or not
@@ -297,20 +425,30 @@ def build(farm: FarmFilter, *, ingress_only: bool = False) -> Ruleset:
             f"table ip {table}",
             f"delete table ip {table}",
             f"table ip {table} {{",
-            "\tchain early {",
-            "\t\ttype filter hook prerouting priority raw; policy accept;",
-            *(f"\t\t{line}" for line in early),
-            "\t}",
-            "\tchain prerouting {",
-            "\t\ttype filter hook prerouting priority mangle; policy accept;",
-            *(f"\t\t{line}" for line in body),
-            "\t}",
+            *(_set_lines(farm) if tcp else []),
+            *_chain("early", "prerouting", "raw", early),
+            *_chain("replies", "output", "raw", notrack_out),
+            *_chain("prerouting", "prerouting", "mangle", body),
             "}",
             *netdev,
             "",
         ]
     )
     return Ruleset(farm.module, table, text)
+
+
+def held_update(farm: FarmFilter) -> Ruleset:
+    """Only the held flows changed: new set contents in place, counters and rules kept."""
+    _check(farm)
+    table = table_name(farm.module)
+    families = ["ip", *(["netdev"] if farm.device is not None else [])]
+    elements = _flow_elements(farm.held_flows)
+    lines = []
+    for family in families:
+        lines.append(f"flush set {family} {table} {HELD_SET}")
+        if elements:
+            lines.append(f"add element {family} {table} {HELD_SET} {{ {elements} }}")
+    return Ruleset(farm.module, table, "\n".join([*lines, ""]))
 
 
 def removal(module: str) -> Ruleset:

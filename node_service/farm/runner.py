@@ -7,10 +7,13 @@ heartbeat change (a peer lost, a peer's payload saying UP or WAIT) and a
 periodic tick re-runs the pure ``states.decide``; the alive set it returns
 feeds ``buckets.plan``, and this node's share is loaded with one atomic nft
 transaction. A failing checker makes the node WAIT: it owns nothing and its
-heartbeats say so, and the peers take its buckets. Buckets it stops owning
-stay let through at the LAN interface's ingress drop ("held") until
-conntrack shows its flows in them ended (``held.py``); the decision loop
-reads conntrack for that, only while some bucket is held.
+heartbeats say so, and the peers take its buckets. TCP connections it
+accepted in buckets it stops owning stay let through ("held flows", read
+from its sockets: ``flows.py``) until they end; buckets it gains are
+guarded against the other nodes' held flows until every peer says it
+holds none (``guard.py``). UDP buckets it stops owning stay let through
+until conntrack shows its flows in them ended (``held.py``). The decision
+loop reads sockets and conntrack for that, only while something is held.
 
 Task ownership: ``farm:M`` (the decision loop), ``farm-heartbeats:M`` (wakes
 the loop on membership changes), ``farm-counters:M`` (reads the nft counters
@@ -32,8 +35,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from node_service.errors import CommandRefused, RampartError
-from node_service.farm import buckets, held, macvlan, nft
+from node_service.farm import buckets, flows, guard, macvlan, nft
 from node_service.farm.effects import FarmEffects
+from node_service.farm.loading import FilterLoading
 from node_service.farm.states import (
     GIVE_UP,
     PENDING,
@@ -58,7 +62,7 @@ TICK_S = 1.0  # re-decide at least this often (peer silence, retries)
 COUNTERS_EVERY_S = 1.0
 
 
-class FarmRunner(ModuleRunner):
+class FarmRunner(FilterLoading, ModuleRunner):
     kind = "farm"
 
     # Farm modules started in this daemon, for the VIP/port clash check.
@@ -74,8 +78,16 @@ class FarmRunner(ModuleRunner):
         self._alive: frozenset[str] | None = None
         self._applied: frozenset[int] | None = None  # the owned set loaded in nft
         self._device: str | None = None  # the LAN interface: ingress drop and shared MAC
-        self._hold = held.starting(time.monotonic())  # buckets let through at ingress
+        self._udp = any(rule.protocol == "udp" for rule in self.rules)
+        tcp = {port for rule in self.rules if rule.protocol == "tcp" for port in rule.ports}
+        self._tcp_ports = tuple(sorted(tcp))
+        self._hold = self._hold_start()  # UDP buckets let through at ingress
         self._held_applied: frozenset[int] | None = None
+        self._flows = flows.nothing()  # TCP flows let through outside the owned buckets
+        self._flows_applied: frozenset[flows.Flow] | None = None
+        self._guard = guard.unguarded()  # owned buckets guarded against peers' held flows
+        self._guard_applied: frozenset[int] | None = None
+        self._adopted: str | None = None  # the membership whose filter (and held flows) is loaded
         self._problem: str | None = None
         self._said: str | None = None  # last error journaled (said once, not every tick)
         self._leaving = False
@@ -176,6 +188,7 @@ class FarmRunner(ModuleRunner):
         self._hb_module = False
         FarmRunner.active.pop(name, None)
         self._owners, self._alive, self._applied, self._held_applied = None, None, None, None
+        self._flows_applied, self._guard_applied, self._adopted = None, None, None
         self.set_state(STOP, reason)
         return "; ".join(s for s in steps if s)
 
@@ -199,8 +212,10 @@ class FarmRunner(ModuleRunner):
     def state(self) -> dict[str, Any]:
         data = super().state()
         data["buckets"] = len(self._applied or ())
-        # Not owned but still let through at the interface: flows of this node may be there.
-        data["held"] = len(self._held_applied or ()) if self._device else 0
+        # Let through beyond the owned buckets: TCP flows and UDP buckets of this node.
+        data["held"] = self._held_count()
+        data["held_flows"] = len(self._flows_applied or ())
+        data["guarded"] = len(self._guard_applied or ())
         data["bucket_map"] = buckets.shares(self._owners) if self._owners else {}
         data["alive"] = sorted(self._alive or ())
         data["vips"] = [f"{v.address}/{v.prefix}" for v in self.module.vips]
@@ -212,7 +227,9 @@ class FarmRunner(ModuleRunner):
     def metrics(self) -> dict[str, Any]:
         return {
             "owned_buckets": len(self._applied or ()),
-            "held_buckets": len(self._held_applied or ()) if self._device else 0,
+            "held_buckets": len(self._held_applied or ()) if self._device and self._udp else 0,
+            "held_flows": len(self._flows_applied or ()),
+            "guarded_buckets": len(self._guard_applied or ()),
             "alive_nodes": len(self._alive or ()),
             "connections_accepted": self.counters.get(nft.OWNED, 0),
             "established_packets": self.counters.get(nft.ESTABLISHED, 0),
@@ -243,7 +260,10 @@ class FarmRunner(ModuleRunner):
             self._send_now()
         if decision.alive != self._alive or self._owners is None:
             self._replan(decision.alive, snap.peers)
-        await self._load(self.owned, decision.reason)
+        if await self._load(self.owned, decision.reason):
+            # Said in the payload only now: the filter (and the flows held
+            # through any loss) of this membership is loaded.
+            self._adopted = guard.alive_digest(self._alive)
 
     def _replan(self, alive: frozenset[str], peers: tuple[PeerSeen, ...]) -> None:
         change = membership_change(self._alive, alive, peers)
@@ -254,36 +274,6 @@ class FarmRunner(ModuleRunner):
             return
         self.journal.record("info", f"bucket map: {change}; {result.reason}", self.module.name)
         self._owners, self._alive = result.owners, alive
-
-    async def _load(self, owned: frozenset[int], why: str, hold: held.Hold | None = None) -> bool:
-        """Load this node's share; False (previous rules intact, journaled) on failure.
-
-        Buckets it stops owning stay let through at ingress (``held``) in the
-        same transaction, until conntrack shows their flows ended here.
-        """
-        hold = hold or held.after_load(self._applied or frozenset(), owned, self._hold,
-                                       time.monotonic())  # fmt: skip
-        if owned == self._applied and hold.held == self._held_applied:
-            return True
-        farm = nft.FarmFilter(
-            self.module.name, tuple(v.address for v in self.module.vips), self.rules,
-            self.seed, owned, self._device, hold.held,
-        )  # fmt: skip
-        try:
-            # Held buckets alone changed: the ip table (and its counters) stays.
-            await self.effects.apply(nft.build(farm, ingress_only=owned == self._applied))
-        except RampartError as exc:
-            # nft's transaction failed as a whole: the previous rules are in
-            # force; the next tick tries again.
-            self._say(f"packet filter not updated ({len(owned)} buckets wanted, {why}): {exc}")
-            return False
-        self._applied, self._hold, self._held_applied = owned, hold, hold.held
-        if self._said and self._said.startswith("packet filter not updated"):
-            self._said = None
-            self.journal.record(
-                "info", f"packet filter loaded again: {len(owned)} buckets", self.module.name
-            )
-        return True
 
     # -- inputs to the decision --------------------------------------------------
 
@@ -339,7 +329,14 @@ class FarmRunner(ModuleRunner):
         if self._leaving:
             return {"state": STOP, "eligible": False}
         up = self.current_state == UP
-        return {"state": self.current_state, "eligible": up, "buckets": len(self._applied or ())}
+        return {
+            "state": self.current_state,
+            "eligible": up,
+            "buckets": len(self._applied or ()),
+            # What the peers' guards wait for (guard.py).
+            "held": self._held_count(),
+            "alive": self._adopted,
+        }
 
     # -- side-effect steps -----------------------------------------------------------
 
@@ -349,7 +346,9 @@ class FarmRunner(ModuleRunner):
 
     def _reset(self) -> None:
         self._owners, self._alive, self._applied = None, None, None
-        self._hold, self._held_applied = held.starting(time.monotonic()), None
+        self._hold, self._held_applied = self._hold_start(), None
+        self._flows, self._flows_applied = flows.nothing(), None
+        self._guard, self._guard_applied, self._adopted = guard.unguarded(), None, None
         self._problem, self._said, self._leaving = None, None, False
         self._wake = asyncio.Event()
 
@@ -492,34 +491,12 @@ class FarmRunner(ModuleRunner):
             try:
                 await self.evaluate()
                 await self._refresh_held()
+                await self._refresh_flows()
+                await self._refresh_guard()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug here must not end the farm silently
                 self._say(f"farm decision failed: {type(exc).__name__}: {exc}")
-
-    async def _refresh_held(self) -> None:
-        """Let go of held buckets whose flows ended here (read from conntrack)."""
-        check_at = self._hold.check_at
-        if self._device is None or self._applied is None or check_at is None:
-            return
-        if self._said and self._said.startswith("packet filter not updated"):
-            return  # nft is failing: the decision loop retries, with the held buckets
-        if time.monotonic() < check_at:
-            return
-        vips = tuple(v.address for v in self.module.vips)
-        try:
-            found = await self.effects.held(vips, self.rules)
-        except RampartError as exc:  # costs CPU (more let through), never a flow
-            self._say(f"held flows not read: {exc}")
-            return
-        if self._leaving:
-            return
-        hold = held.after_reading(self._applied, found, self._hold, time.monotonic())
-        if hold.held != self._held_applied and await self._load(self._applied, "held", hold):
-            self.journal.record("info", f"ingress drop on {self._device}: {hold.reason}",
-                                self.module.name)  # fmt: skip
-        else:
-            self._hold = hold
 
     async def _heartbeat_watch(self) -> None:
         if self.heartbeats is None or not self._hb_module:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from node_service.farm.buckets import bucket_map, module_seed
+from node_service.farm.buckets import bucket_map, module_seed, owned_by
 from node_service.farm.nft import (
     FilterRule,
     PacketFilterError,
@@ -220,8 +220,9 @@ def site() -> Iterator[Site]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
 
 
-def load(site: Site, owners: tuple[str | None, ...], criterion: str, nodes=NODES) -> None:
-    """Apply the farm filter and the bucket probe on each of ``nodes``."""
+def load(site: Site, owners: tuple[str | None, ...], criterion: str, nodes=NODES,
+         kept=None, guarded=None) -> None:  # fmt: skip
+    """Apply the farm filter (no device: all in the ip table) and the bucket probe."""
     rule = FilterRule("tcp", (PORT,), criterion)
     key = "ip saddr" if criterion == "ip" else "ip saddr . tcp sport"
     probe = Ruleset(
@@ -234,7 +235,12 @@ def load(site: Site, owners: tuple[str | None, ...], criterion: str, nodes=NODES
     )
     for node in nodes:
         apply(probe, nft=site.nft(node))
-        apply(build(node_filter(MODULE, [VIP], [rule], SEED, owners, node)), nft=site.nft(node))
+        farm = node_filter(
+            MODULE, [VIP], [rule], SEED, owners, node,
+            held_flows=(kept or {}).get(node, frozenset()),
+            guarded=(guarded or {}).get(node, frozenset()),
+        )  # fmt: skip
+        apply(build(farm), nft=site.nft(node))
 
 
 def connect(site: Site, sources: list[tuple[str, int]], hold: bool = False):
@@ -304,14 +310,20 @@ def test_failed_node_share_moves_and_established_flows_stay_when_it_returns(site
         assert set(check_owners(result, without_n3)) == {"n1", "n2"}
 
         # Hold connections on n1/n2, some in buckets that go back to n3.
-        proc, lines = connect(site, [(CLIENT, port) for port in site.ports(60)], hold=True)
+        sources = [(CLIENT, port) for port in site.ports(60)]
+        proc, lines = connect(site, sources, hold=True)
         held = json.loads(lines.next())
         check_owners(held, without_n3)
         moving = [a for a in held if full[int(a[1])] == "n3"]
         assert moving, "no held connection sits in a bucket that returns to n3"
     finally:
         sh("ip", "-n", site.ns("n3"), "link", "set", "eth0", "up")
-    load(site, full, "ip_port")
+    # Each node keeps the connections it has (its sockets), n3 guards what it takes back.
+    kept = {
+        node: frozenset(src for src, a in zip(sources, held, strict=True) if a[0] == node)
+        for node in ("n1", "n2")
+    }
+    load(site, full, "ip_port", kept=kept, guarded={"n3": owned_by(full, "n3")})
     assert proc.stdin is not None
     proc.stdin.write("go\n")
     proc.stdin.flush()

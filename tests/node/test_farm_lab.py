@@ -134,7 +134,8 @@ def state(node: str, module: str) -> dict:
 
 
 def counters(node: str, module: str) -> dict[str, int]:
-    return parse_counters(on(node, "nft", "-j", "list", "table", "ip", table_name(module)))
+    # Both of the module's tables: the TCP gate counts at the interface (netdev).
+    return parse_counters(on(node, "nft", "-j", "list", "ruleset"), table_name(module))
 
 
 @dataclass(frozen=True)

@@ -33,22 +33,19 @@ def farm(**changes) -> FarmFilter:
     return FarmFilter(**{**base, **changes})
 
 
-def test_tcp_ruleset_accepts_established_then_owned_syns_then_drops():
-    text = build(farm()).text
+def test_tcp_ruleset_lets_held_flows_through_drops_foreign_buckets_and_counts_owned_syns():
+    text = build(farm(device="eth0")).text
     assert text.startswith("table ip rampart_farm_web\ndelete table ip rampart_farm_web\n")
     match = "ip daddr { 198.51.100.200 } tcp dport { 80, 443 }"
     assert (
-        f'{match} ct state established,related counter accept comment "established tcp 80,443"'
+        f"{match} jhash ip saddr . tcp sport mod 256 seed 0x00000abc {{ 4-6, 8, 11-254 }}"
+        ' counter drop comment "dropped ingress tcp 80,443"'
     ) in text
     assert (
         f"{match} tcp flags & (fin | syn | rst | ack) == syn"
-        " jhash ip saddr . tcp sport mod 256 seed 0x00000abc { 0-3, 7, 9-10, 255 }"
-        " ct mark set jhash ip saddr . tcp sport mod 256 seed 0x00000abc offset 0x72660000"
         ' counter accept comment "owned tcp 80,443"'
     ) in text
-    assert f'{match} counter drop comment "dropped tcp 80,443"' in text
-    assert text.index("established tcp") < text.index("owned tcp") < text.index("dropped tcp")
-    assert "type filter hook prerouting priority mangle; policy accept;" in text
+    assert text.index("established tcp") < text.index("dropped ingress") < text.index("owned tcp")
 
 
 def test_udp_and_criterion_ip_hash_the_right_fields():
@@ -57,12 +54,15 @@ def test_udp_and_criterion_ip_hash_the_right_fields():
     assert "tcp flags" not in text
     port_text = build(farm(rules=(FilterRule("udp", (53,), "ip_port"),))).text
     assert "jhash ip saddr . udp sport mod 256" in port_text
+    ip_text = build(farm(rules=(FilterRule("tcp", (80,), "ip"),))).text
+    assert "tcp dport { 80 } jhash ip saddr mod 256 seed 0x00000abc" in ip_text
 
 
-def test_a_node_with_no_bucket_only_keeps_its_established_flows():
-    text = build(farm(owned=frozenset())).text
+def test_a_node_with_no_bucket_only_keeps_its_held_flows():
+    text = build(farm(owned=frozenset(), device="eth0")).text
     assert "jhash" not in text
-    assert "established tcp 80,443" in text and "dropped tcp 80,443" in text
+    assert "established tcp 80,443" in text and "dropped ingress tcp 80,443" in text
+    assert "owned tcp" not in text
 
 
 def test_node_filter_takes_the_nodes_buckets_from_the_map():

@@ -17,7 +17,8 @@ import pytest
 
 from node_service.config import NodeConfig
 from node_service.errors import CommandRefused
-from node_service.farm import buckets
+from node_service.farm import buckets, guard
+from node_service.farm.flows import FlowsReadError
 from node_service.farm.held import HeldFlowsError
 from node_service.farm.nft import PacketFilterError
 from node_service.farm.runner import FarmRunner
@@ -35,7 +36,8 @@ from node_service.module.model import (
 NODES = ("n1", "n2", "n3")
 
 
-def farm_module(name="web", weights=(1, 1, 1), checkers=(), port=8080, vip="198.51.100.201"):
+def farm_module(name="web", weights=(1, 1, 1), checkers=(), port=8080, vip="198.51.100.201",
+                protocol="tcp"):  # fmt: skip
     nodes = tuple(
         Node(n, (f"198.51.100.1{i}", f"203.0.113.1{i}"), w)
         for i, (n, w) in enumerate(zip(NODES, weights, strict=True), start=1)
@@ -45,7 +47,7 @@ def farm_module(name="web", weights=(1, 1, 1), checkers=(), port=8080, vip="198.
         kind=FARM,
         nodes=nodes,
         vips=(VirtualIP(vip, 24),),
-        farm=Farm((FarmRule((port,), "tcp", "ip_port"),)),
+        farm=Farm((FarmRule((port,), protocol, "ip_port"),)),
         checkers=tuple(checkers),
     )
 
@@ -102,8 +104,9 @@ class FakeHeartbeats:
         self.changed.clear()
         return True
 
-    def set_peer(self, name, state="UP", reachable=True):
-        payload = {"state": state, "eligible": state == "UP"} if reachable else None
+    def set_peer(self, name, state="UP", reachable=True, held=0, alive=None):
+        payload = {"state": state, "eligible": state == "UP", "held": held, "alive": alive}
+        payload = payload if reachable else None
         old = self.peers.get(name, {}).get("payload")
         self.peers[name] = {
             "status": "up" if reachable else "down",
@@ -124,6 +127,9 @@ class FakeEffects:
         self.script_ok = True
         self.held_buckets: frozenset[int] = frozenset()  # what conntrack "says"
         self.held_error: str | None = None
+        self.held_flows: frozenset[tuple[str, int]] = frozenset()  # what the sockets "say"
+        self.flows_error: str | None = None
+        self.flow_reads: list[frozenset[tuple[str, int]]] = []  # the next readings, then held_flows
 
     async def lan_interface(self, address):
         self.calls.append(f"lan {address}")
@@ -145,6 +151,12 @@ class FakeEffects:
         if self.held_error:
             raise HeldFlowsError(self.held_error)
         return self.held_buckets
+
+    async def flows(self, vips, ports):
+        self.calls.append("flows")
+        if self.flows_error:
+            raise FlowsReadError(self.flows_error)
+        return self.flow_reads.pop(0) if self.flow_reads else self.held_flows
 
     async def strict_pickup(self, module, memo):
         self.calls.append(f"strict_pickup {module}")
@@ -173,18 +185,26 @@ class FakeEffects:
         code = 0 if ok else 1
         return SimpleNamespace(ok=ok, reason=f"bin/{name} exited {code}")
 
-    def owned_in_last_ruleset(self) -> int:
+    def owned_in_last_ruleset(self, protocol: str = "tcp") -> int:
         """Count owned buckets in the last loaded nft text (0 when it owns none)."""
-        return len(self.buckets_in_last_ruleset('"owned '))
+        if protocol == "udp":
+            return len(self.buckets_in_last_ruleset('"owned udp', "ip"))
+        if not self.buckets_in_last_ruleset('"owned tcp', "netdev"):
+            return 0
+        # The TCP gate counts owned SYNs after dropping every foreign bucket.
+        return 256 - len(self.buckets_in_last_ruleset('"dropped ingress tcp', "netdev"))
 
-    def buckets_in_last_ruleset(self, comment: str) -> set[int]:
-        """The bucket set of the rule whose comment starts so, in the last script for its table.
+    def last(self, family: str) -> str:
+        """The last script that defines the table of ``family`` (ip, netdev).
 
-        A change of held buckets alone replaces only the netdev table, so the
-        ip table's rules are in the last script that mentions ``table ip``.
+        A change of UDP held buckets alone replaces only the netdev table, a
+        change of held flows neither (set elements only).
         """
-        family = "table netdev " if "ingress" in comment else "table ip "
-        text = next(t for t in reversed(self.applied) if family in t)
+        return next(t for t in reversed(self.applied) if f"table {family} " in t)
+
+    def buckets_in_last_ruleset(self, comment: str, family: str = "netdev") -> set[int]:
+        """The bucket set of the rule whose comment starts so, in the last script for its table."""
+        text = self.last(family)
         line = next((ln for ln in text.splitlines() if comment in ln), None)
         if line is None:
             return set()
@@ -240,13 +260,17 @@ def test_start_goes_up_and_loads_its_share_then_takes_a_lost_peers_buckets(tmp_p
             full = buckets.bucket_map({"n1": 1, "n2": 1, "n3": 1}, NODES, runner.seed)
             mine = len(buckets.owned_by(full, "n1"))
             await until(lambda: fx.owned_in_last_ruleset() == mine)
-            assert hb.payload("web") == {"state": "UP", "eligible": True, "buckets": mine}
+            assert hb.payload("web") == {
+                "state": "UP", "eligible": True, "buckets": mine, "held": 0,
+                "alive": guard.alive_digest(NODES),
+            }  # fmt: skip
             state = runner.state()
             assert (state["kind"], state["state"], state["buckets"]) == ("farm", "UP", mine)
             assert state["alive"] == list(NODES)
             # The LAN interface first (the filter's ingress drop is on it), then
             # strict conntrack pickup right after the first filter, before the VIP.
-            assert fx.calls[:4] == [
+            # (and this node's sockets, read before each load that loses buckets)
+            assert [c for c in fx.calls if c != "flows"][:4] == [
                 "lan 198.51.100.11",
                 "strict_pickup web",
                 f"mac_setup {runner._shared.link} eth0",
@@ -273,10 +297,94 @@ def test_start_goes_up_and_loads_its_share_then_takes_a_lost_peers_buckets(tmp_p
     run(scenario())
 
 
-def test_buckets_moving_away_stay_let_through_at_ingress_until_their_flows_end(tmp_path):
+def test_tcp_flows_of_buckets_moving_away_stay_let_through_until_they_end(tmp_path):
     async def scenario():
         hb, fx = FakeHeartbeats(), FakeEffects()
         runner = make_runner(tmp_path, farm_module(), hb=hb, effects=fx)
+        hb.set_peer("n2")
+        hb.set_peer("n3", reachable=False)
+        try:
+            await runner.start()
+            two = buckets.bucket_map(runner.weights, ("n1", "n2"), runner.seed)
+            big = set(buckets.owned_by(two, "n1"))
+            await until(lambda: fx.owned_in_last_ruleset() == len(big))
+            assert runner.state()["held"] == 0 and "elements" not in fx.last("netdev")
+
+            # n3 comes back and takes its buckets; n1 still has connections.
+            three = buckets.bucket_map(runner.weights, NODES, runner.seed)
+            small = set(buckets.owned_by(three, "n1"))
+            flow, late = ("198.51.100.50", 40000), ("198.51.100.51", 40001)
+            # The reading before the load, then the one right after it.
+            fx.flow_reads = [frozenset({flow}), frozenset({flow, late})]
+            fx.held_flows = frozenset({flow, late})
+            hb.set_peer("n3")
+            await until(lambda: fx.owned_in_last_ruleset() == len(small))
+            # Same transaction: no longer owned, its connection let through by address and port.
+            assert "elements = { 198.51.100.50 . 40000 }" in fx.last("netdev")
+            # A connection set up meanwhile is added by the reading right after the load...
+            await until(lambda: runner.state()["held_flows"] == 2)
+            assert fx.applied[-1].startswith("flush set ip rampart_farm_web held_flows")
+            assert not fx.flow_reads
+            # ...and each is let go when its socket is gone; new sockets are not added.
+            fx.held_flows = frozenset({late, ("198.51.100.52", 5)})
+            await until(lambda: runner.state()["held_flows"] == 1)
+            fx.held_flows = frozenset()
+            await until(lambda: runner.state()["held"] == 0)
+            assert "add element" not in fx.applied[-1]
+            assert hb.payload("web")["held"] == 0
+            assert any("no flow of this node left" in m for m in messages(runner))
+        finally:
+            await runner.stop("test over")
+
+    run(scenario())
+
+
+def test_gained_buckets_are_guarded_until_every_peer_applied_the_map_and_holds_nothing(tmp_path):
+    async def scenario():
+        hb, fx = FakeHeartbeats(), FakeEffects()
+        runner = make_runner(tmp_path, farm_module(), hb=hb, effects=fx)
+        hb.set_peer("n2")
+        hb.set_peer("n3")
+        full = buckets.bucket_map(runner.weights, NODES, runner.seed)
+        mine = set(buckets.owned_by(full, "n1"))
+        digest = guard.alive_digest(NODES)
+        try:
+            await runner.start()
+            await until(lambda: fx.owned_in_last_ruleset() == len(mine))
+            # Everything it gained is guarded: conntrack there, nowhere else.
+            assert fx.buckets_in_last_ruleset('"dropped guarded', "ip") == mine
+            assert runner.state()["guarded"] == len(mine)
+            # A peer that has not applied the same membership, or still holds flows: kept.
+            hb.set_peer("n2", alive=digest, held=3)
+            hb.set_peer("n3", alive="0badc0de")
+            await asyncio.sleep(0.05)
+            assert runner.state()["guarded"] == len(mine)
+            hb.set_peer("n3", alive=digest)
+            await asyncio.sleep(0.05)
+            assert runner.state()["guarded"] == len(mine)
+            hb.set_peer("n2", alive=digest, held=0)
+            await until(lambda: runner.state()["guarded"] == 0, timeout=5)
+            assert " ct " not in fx.last("ip") and "notrack" not in fx.last("ip")
+            assert any("guard lifted" in m for m in messages(runner))
+
+            # n3 lost: what it had comes here, guarded again until n2 says it holds nothing
+            # (n3 is gone: its flows are too).
+            hb.set_peer("n2", alive=digest, held=1)
+            hb.set_peer("n3", reachable=False)
+            await until(lambda: runner.state()["guarded"] > 0)
+            assert fx.buckets_in_last_ruleset('"dropped guarded', "ip") <= mine | set(range(256))
+            hb.set_peer("n2", alive=guard.alive_digest(("n1", "n2")), held=0)
+            await until(lambda: runner.state()["guarded"] == 0, timeout=5)
+        finally:
+            await runner.stop("test over")
+
+    run(scenario())
+
+
+def test_udp_buckets_moving_away_stay_let_through_at_ingress_until_their_flows_end(tmp_path):
+    async def scenario():
+        hb, fx = FakeHeartbeats(), FakeEffects()
+        runner = make_runner(tmp_path, farm_module(protocol="udp"), hb=hb, effects=fx)
         hb.set_peer("n2")
         hb.set_peer("n3", reachable=False)
         ingress = '"dropped ingress '
@@ -296,7 +404,7 @@ def test_buckets_moving_away_stay_let_through_at_ingress_until_their_flows_end(t
             kept = min(lost)
             fx.held_buckets = frozenset({kept})
             hb.set_peer("n3")
-            await until(lambda: fx.owned_in_last_ruleset() == len(small))
+            await until(lambda: fx.owned_in_last_ruleset("udp") == len(small))
             # Same transaction: no longer owned, still let through at ingress.
             assert fx.buckets_in_last_ruleset(ingress) == set(range(256)) - big
             # After conntrack is read only the bucket with a live flow stays.
@@ -308,17 +416,18 @@ def test_buckets_moving_away_stay_let_through_at_ingress_until_their_flows_end(t
             fx.held_buckets = frozenset()
             await until(lambda: fx.buckets_in_last_ruleset(ingress) == set(range(256)) - small)
             assert any("no flow of this node left" in m for m in messages(runner))
+            assert "flows" not in fx.calls  # no TCP rule: no socket reading
         finally:
             await runner.stop("test over")
 
     run(scenario())
 
 
-def test_unreadable_conntrack_keeps_every_bucket_let_through_and_says_so_once(tmp_path):
+def test_unreadable_conntrack_keeps_every_udp_bucket_let_through_and_says_so_once(tmp_path):
     async def scenario():
         hb, fx = FakeHeartbeats(), FakeEffects()
         fx.held_error = "cannot read conntrack entries: [Errno 93] Protocol not supported"
-        runner = make_runner(tmp_path, farm_module(), hb=hb, effects=fx)
+        runner = make_runner(tmp_path, farm_module(protocol="udp"), hb=hb, effects=fx)
         hb.set_peer("n2")
         hb.set_peer("n3")
         try:
@@ -332,6 +441,26 @@ def test_unreadable_conntrack_keeps_every_bucket_let_through_and_says_so_once(tm
             fx.held_error = None
             await until(lambda: any("hook ingress" in text for text in fx.applied))
             assert runner.state()["held"] == 0
+        finally:
+            await runner.stop("test over")
+
+    run(scenario())
+
+
+def test_unreadable_sockets_are_said_once_and_the_filter_still_loads(tmp_path):
+    async def scenario():
+        hb, fx = FakeHeartbeats(), FakeEffects()
+        fx.flows_error = "cannot read this node's TCP sockets: [Errno 93] Protocol not supported"
+        runner = make_runner(tmp_path, farm_module(), hb=hb, effects=fx)
+        hb.set_peer("n2")
+        hb.set_peer("n3")
+        try:
+            await runner.start()
+            await until(lambda: runner.current_state == "UP" and fx.owned_in_last_ruleset() > 0)
+            hb.set_peer("n3", reachable=False)
+            await until(lambda: fx.calls.count("flows") >= 2)
+            said = [m for m in messages(runner) if m.startswith("held flows not read")]
+            assert len(said) == 1 and "Protocol not supported" in said[0]
         finally:
             await runner.stop("test over")
 

@@ -11,7 +11,7 @@ import asyncio
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from node_service.errors import RampartError
 from node_service.farm import conntrack, flows, held, macvlan, nft
@@ -21,20 +21,13 @@ class FarmEffects:
     """The farm's side effects on this node; a unit test passes a fake.
 
     ``nft`` is the nft command (tests point it at a missing or failing one).
-    ``pickup`` is shared by the daemon's farm modules: the conntrack setting
-    it changes belongs to the whole node (see conntrack.py).
     """
-
-    pickup: ClassVar[conntrack.TcpPickup] = conntrack.TcpPickup()
 
     def __init__(self, nft_command: tuple[str, ...] = nft.NFT) -> None:
         self.nft = nft_command
 
-    async def strict_pickup(self, module: str, memo: Path) -> str:
-        return await self.pickup.start(module, memo)
-
-    async def restore_pickup(self, module: str, memo: Path) -> str:
-        return await self.pickup.stop(module, memo)
+    async def restore_left_over(self, memo: Path) -> str | None:
+        return await asyncio.to_thread(conntrack.restore_left_over, memo)
 
     async def lan_interface(self, address: str) -> str:
         from node_service.net import vip

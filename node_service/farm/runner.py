@@ -177,12 +177,6 @@ class FarmRunner(FilterLoading, ModuleRunner):
             steps.append("packet filter removed")
         except RampartError as exc:
             self.journal.error(f"removing the packet filter failed: {exc}", name)
-        try:
-            self.journal.record(
-                "info", await self.effects.restore_pickup(name, self._pickup_memo), name
-            )
-        except RampartError as exc:
-            self.journal.error(f"conntrack setting not restored: {exc}", name)
         if self.heartbeats is not None and self._hb_module:
             await self.heartbeats.remove_module(name)
         self._hb_module = False
@@ -379,13 +373,11 @@ class FarmRunner(FilterLoading, ModuleRunner):
             self._problem = self._said
             return "packet filter not loaded"
         try:
-            # After the filter: its ct rules are what load conntrack here.
-            self.journal.record(
-                "info", await self.effects.strict_pickup(self.module.name, self._pickup_memo),
-                self.module.name,
-            )  # fmt: skip
-        except RampartError as exc:  # costs CPU on busy farms, never correctness
-            self.journal.warning(f"conntrack setting unchanged: {exc}", self.module.name)
+            # Only an earlier version's left-over: this one never changes it.
+            if said := await self.effects.restore_left_over(self._pickup_memo):
+                self.journal.record("info", said, self.module.name)
+        except RampartError as exc:
+            self.journal.warning(f"conntrack setting not put back: {exc}", self.module.name)
         if self._shared is None:
             return "VIP not taken"
         try:

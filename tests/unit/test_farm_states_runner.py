@@ -158,13 +158,9 @@ class FakeEffects:
             raise FlowsReadError(self.flows_error)
         return self.flow_reads.pop(0) if self.flow_reads else self.held_flows
 
-    async def strict_pickup(self, module, memo):
-        self.calls.append(f"strict_pickup {module}")
-        return "net.netfilter.nf_conntrack_tcp_loose 1 -> 0"
-
-    async def restore_pickup(self, module, memo):
-        self.calls.append(f"restore_pickup {module}")
-        return "net.netfilter.nf_conntrack_tcp_loose 0 -> 1"
+    async def restore_left_over(self, memo):
+        self.calls.append(f"restore_left_over {memo.name}")
+        return None
 
     async def mac_setup(self, spec):
         self.calls.append(f"mac_setup {spec.link} {spec.parent}")
@@ -268,11 +264,11 @@ def test_start_goes_up_and_loads_its_share_then_takes_a_lost_peers_buckets(tmp_p
             assert (state["kind"], state["state"], state["buckets"]) == ("farm", "UP", mine)
             assert state["alive"] == list(NODES)
             # The LAN interface first (the filter's ingress drop is on it), then
-            # strict conntrack pickup right after the first filter, before the VIP.
+            # an earlier version's conntrack setting put back, before the VIP.
             # (and this node's sockets, read before each load that loses buckets)
             assert [c for c in fx.calls if c != "flows"][:4] == [
                 "lan 198.51.100.11",
-                "strict_pickup web",
+                "restore_left_over conntrack_tcp_loose",
                 f"mac_setup {runner._shared.link} eth0",
                 f"announce 198.51.100.201 {runner._shared.link}",
             ]
@@ -290,7 +286,6 @@ def test_start_goes_up_and_loads_its_share_then_takes_a_lost_peers_buckets(tmp_p
             await runner.stop("test over")
         assert runner.current_state == "STOP"
         assert "mac_teardown " + runner._shared.link in fx.calls and "remove web" in fx.calls
-        assert fx.calls.index("remove web") < fx.calls.index("restore_pickup web")
         assert "web" not in hb.payload_fns and runner._tasks == []
         assert [m for m in messages(runner) if m.startswith("STOP -> WAIT")]
 
@@ -667,12 +662,12 @@ def test_missing_nft_is_a_clear_error_and_the_vip_is_not_taken(tmp_path):
     run(scenario())
 
 
-def test_conntrack_pickup_that_cannot_be_set_is_a_warning_not_a_failed_start(tmp_path):
+def test_a_left_over_conntrack_setting_that_cannot_be_put_back_is_a_warning(tmp_path):
     from node_service.farm.conntrack import PickupError
 
     class NoConntrack(FakeEffects):
-        async def strict_pickup(self, module, memo):
-            raise PickupError("cannot read /proc/sys/net/netfilter/nf_conntrack_tcp_loose")
+        async def restore_left_over(self, memo):
+            raise PickupError("cannot set net.netfilter.nf_conntrack_tcp_loose=1: Read-only")
 
     async def scenario():
         fx = NoConntrack()
@@ -681,13 +676,13 @@ def test_conntrack_pickup_that_cannot_be_set_is_a_warning_not_a_failed_start(tmp
             reason = await runner.start()
             assert "VIP on rf-" in reason
             assert "problem" not in runner.state()
-            said = [m for m in messages(runner) if m.startswith("conntrack setting unchanged")]
+            said = [m for m in messages(runner) if m.startswith("conntrack setting not put back")]
             assert said == [
-                "conntrack setting unchanged: cannot read "
-                "/proc/sys/net/netfilter/nf_conntrack_tcp_loose"
+                "conntrack setting not put back: cannot set "
+                "net.netfilter.nf_conntrack_tcp_loose=1: Read-only"
             ]
         finally:
             await runner.stop("done")
-        assert "restore_pickup web" in fx.calls and runner.current_state == "STOP"
+        assert runner.current_state == "STOP"
 
     run(scenario())

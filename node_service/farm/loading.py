@@ -30,6 +30,7 @@ class FilterLoading:
     effects: FarmEffects
     journal: Journal
     module: Any
+    node: Any
     heartbeats: Any
     rules: tuple[nft.FilterRule, ...]
     seed: int
@@ -144,10 +145,7 @@ class FilterLoading:
             self._flows = kept
             return
         farm = self._filter(self._applied, self._hold, kept, self._guard)
-        try:
-            await self.effects.apply(nft.held_update(farm))
-        except RampartError as exc:
-            self._say(f"held flows not updated: {exc}")
+        if not await self._try_apply(nft.held_update(farm), "held flows not updated"):
             return
         self._flows, self._flows_applied = kept, kept.held
         self.journal.record("info", f"held flows: {kept.reason}", self.module.name)
@@ -161,18 +159,24 @@ class FilterLoading:
             self._guard = lifted
             return
         farm = self._filter(self._applied, self._hold, self._flows, lifted)
-        try:
-            await self.effects.apply(nft.build(farm))
-        except RampartError as exc:
-            self._say(f"packet filter not updated (guard): {exc}")
+        if not await self._try_apply(nft.build(farm), "packet filter not updated (guard)"):
             return
         self._guard, self._guard_applied = lifted, lifted.guarded
         self.journal.record("info", f"guard: {lifted.reason}", self.module.name)
 
-    def _peer_holds(self) -> tuple[guard.PeerHolds, ...]:
-        me = self.node.node
-        holds = []
-        for peer in self.module.peers_of(me):
+    async def _try_apply(self, ruleset: nft.Ruleset, failed: str) -> bool:
+        """Load ``ruleset``; on failure (previous rules intact) say why once and return False."""
+        try:
+            await self.effects.apply(ruleset)
+        except RampartError as exc:
+            self._say(f"{failed}: {exc}")
+            return False
+        return True
+
+    def _peer_payloads(self) -> list[tuple[str, bool, dict[str, Any]]]:
+        """Each peer: reachable, and its last heartbeat payload ({} if none)."""
+        seen = []
+        for peer in self.module.peers_of(self.node.node):
             reachable, payload = False, None
             if self.heartbeats is not None and self._hb_module:
                 try:
@@ -180,11 +184,16 @@ class FilterLoading:
                     payload = self.heartbeats.peer_payload(self.module.name, peer.name)
                 except KeyError:
                     pass
-            payload = payload or {}
+            seen.append((peer.name, reachable, payload or {}))
+        return seen
+
+    def _peer_holds(self) -> tuple[guard.PeerHolds, ...]:
+        holds = []
+        for name, reachable, payload in self._peer_payloads():
             count = payload.get("held")
             holds.append(
                 guard.PeerHolds(
-                    peer.name, reachable, payload.get("state"), payload.get("alive"),
+                    name, reachable, payload.get("state"), payload.get("alive"),
                     count if isinstance(count, int) and not isinstance(count, bool) else None,
                 )
             )  # fmt: skip

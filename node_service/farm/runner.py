@@ -284,23 +284,12 @@ class FarmRunner(FilterLoading, ModuleRunner):
         return tuple(seen)
 
     def peers_seen(self) -> tuple[PeerSeen, ...]:
-        me = self.node.node
-        if me not in self.module.node_names:
+        if self.node.node not in self.module.node_names:
             return ()
-        seen = []
-        for peer in self.module.peers_of(me):
-            reachable, payload = False, None
-            if self.heartbeats is not None and self._hb_module:
-                try:
-                    reachable = self.heartbeats.peer_reachable(self.module.name, peer.name)
-                    payload = self.heartbeats.peer_payload(self.module.name, peer.name)
-                except KeyError:
-                    pass
-            payload = payload or {}
-            seen.append(
-                PeerSeen(peer.name, reachable, payload.get("state"), bool(payload.get("eligible")))
-            )
-        return tuple(seen)
+        return tuple(
+            PeerSeen(name, reachable, payload.get("state"), bool(payload.get("eligible")))
+            for name, reachable, payload in self._peer_payloads()
+        )
 
     def _peers_unsettled(self) -> str | None:
         """Why this node must not take buckets yet: some peer neither heard nor lost.

@@ -128,15 +128,42 @@ def _check_body(ftype: FrameType, length: int) -> None:
         raise ProtocolError(f"{ftype.name} frame payload of {length} bytes exceeds {limit}")
 
 
+# Payloads at least this large are filled in place (FrameReader)
+BIG_PAYLOAD = 64 * 1024
+
+
 class FrameReader:
-    """Cuts a byte stream into frames; feed it whatever the socket returned."""
+    """Cuts a byte stream into frames; feed it whatever the socket returned.
+
+    A large payload (a write's piece) is filled in place as its bytes
+    arrive and handed out as that ``bytearray``: one copy of each byte here,
+    instead of gathering it in the stream buffer and copying it out twice.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._head: tuple[FrameType, int, int] | None = None
+        self._big: bytearray | None = None  # the large payload being filled
+        self._filled = 0
 
     def feed(self, data: bytes) -> Iterator[Frame]:
-        self._buf += data
+        view = memoryview(data)
+        while len(view):
+            if self._big is None:
+                self._buf += view
+                yield from self._cut()
+                return
+            n = min(len(self._big) - self._filled, len(view))
+            self._big[self._filled : self._filled + n] = view[:n]
+            self._filled += n
+            view = view[n:]
+            if self._filled == len(self._big):
+                assert self._head is not None
+                ftype, seq, _length = self._head
+                payload, self._big, self._head = self._big, None, None
+                yield Frame(ftype, seq, payload)  # type: ignore[arg-type]
+
+    def _cut(self) -> Iterator[Frame]:
         while True:
             if self._head is None:
                 if len(self._buf) < HEADER_SIZE:
@@ -145,15 +172,22 @@ class FrameReader:
                 del self._buf[:HEADER_SIZE]
             ftype, seq, length = self._head
             if len(self._buf) < length:
+                if length >= BIG_PAYLOAD:
+                    # every byte in the buffer is this payload's: fill in place from now on
+                    self._big = bytearray(length)
+                    self._filled = len(self._buf)
+                    self._big[: self._filled] = self._buf
+                    self._buf.clear()
                 return
-            payload = bytes(self._buf[:length])
+            with memoryview(self._buf) as view:
+                payload = bytes(view[:length])
             del self._buf[:length]
             self._head = None
             yield Frame(ftype, seq, payload)
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + (self._filled if self._big is not None else 0)
 
 
 # ---- control payloads -----------------------------------------------------
@@ -191,9 +225,14 @@ class PeerError:
 
 def op_payload(dir_index: int, op_bytes: bytes) -> bytes:
     """An OP payload: the replicated dir's index (2 bytes) then ``ops.encode`` bytes."""
+    return dir_prefix(dir_index) + op_bytes
+
+
+def dir_prefix(dir_index: int) -> bytes:
+    """The first 2 bytes of an OP payload (``ops.encode(op, prefix=...)`` builds it whole)."""
     if not 0 <= dir_index < 2**16:
         raise ProtocolError(f"replicated dir index {dir_index} out of range 0..65535")
-    return dir_index.to_bytes(2, "big") + op_bytes
+    return dir_index.to_bytes(2, "big")
 
 
 def split_op(frame: Frame, dir_count: int) -> tuple[int, memoryview]:

@@ -373,10 +373,15 @@ def _put_str(out: list[bytes], value: str) -> None:
     out.append(raw)
 
 
-def encode(op: Op) -> bytes:
-    """The wire form of ``op``: version, opcode, fixed integers, then variable fields."""
+def encode(op: Op, prefix: bytes = b"") -> bytes:
+    """The wire form of ``op``: version, opcode, fixed integers, then variable fields.
+
+    ``prefix`` goes in front in the same join (the frame's dir index): a
+    large write's data is copied once here, not twice.
+    """
     layout = _BY_CLASS[type(op)]
-    out = [layout.fixed.pack(CODEC_VERSION, op.CODE, *(getattr(op, n) for n in layout.fixed_names))]
+    fixed = layout.fixed.pack(CODEC_VERSION, op.CODE, *(getattr(op, n) for n in layout.fixed_names))
+    out = [prefix, fixed] if prefix else [fixed]
     for name, kind in layout.var:
         value: Any = getattr(op, name)
         if kind == "str":
@@ -563,7 +568,7 @@ def describe(op: Op) -> str:
     parts = []
     for f in fields(op):  # type: ignore[arg-type]
         value = getattr(op, f.name)
-        if isinstance(value, bytes):
+        if isinstance(value, bytes | bytearray | memoryview):
             parts.append(f"{f.name}=<{len(value)} bytes>")
         elif f.name == "stamps":
             continue

@@ -21,7 +21,7 @@ A pass runs on the primary while the application keeps writing:
    per 4 KiB sub-block (SCAN), and only the differing sub-blocks go. Sending
    a block without comparing is always correct (it is the primary's content
    under the lock), comparing only saves bytes. Per file: its size first,
-   then the data in pieces of at most 1 MiB, each read and submitted while
+   then the data in pieces of at most 2 MiB, each read and submitted while
    holding the file's inode lock: each application write to the file lands
    either before our read (and is in what we send) or after our submit (and
    its own operation follows ours on the secondary), so concurrent writes
@@ -57,6 +57,7 @@ from node_service.replication import frames, ops, verify
 from node_service.replication.dirty import DirtyRegion, decode_regions, dirty_regions, plan
 from node_service.replication.frames import Frame, FrameType
 from node_service.replication.resync_names import PlannedNames
+from node_service.replication.resync_pieces import PIECE, read_piece
 from node_service.replication.sender import Link, Sender
 from node_service.replication.transport import PeerGone
 from node_service.replication.verify import DIR, FILE, OTHER, SYMLINK, Difference
@@ -64,7 +65,8 @@ from node_service.replication.verify import DIR, FILE, OTHER, SYMLINK, Differenc
 log = logging.getLogger("rampart.replication.resync")
 
 REGION = ops.REGION_SIZE
-CHUNK = 1024 * 1024  # one Write op, as large as the FUSE layer's own (max_write)
+# One Write op per piece, larger than the secondary applies inline (resync_pieces.py)
+CHUNK = PIECE
 # This many consecutive data regions (2 MiB) recorded by the primary itself
 # mean a stream rewrote them: comparing would read and hash both sides for
 # nothing. Shorter runs are compared by sub-block: random writes, the ends of
@@ -524,11 +526,11 @@ class Resync:
             # writes beyond it goes to the secondary as its own operations.
             for at, length in pieces(((0, now.st_size),) if ranges is None else ranges):
                 # The lock per piece, not per file: the application waits at most
-                # one 1 MiB read and submit, and a piece read under it is exact.
+                # one piece's read and submit, and a piece read under it is exact.
                 with lock:
-                    data = os.pread(fd, length, at)
-                    if data:
-                        submit(ops.Write(handle, at, now.st_mtime_ns, data))
+                    piece = read_piece(fd, index, handle, at, length, now.st_mtime_ns)
+                    if piece is not None:
+                        self.sender.submit(index, piece.op, resync=True, payload=piece.payload)
                 self.remaining_bytes = max(0, self.remaining_bytes - length)
             with lock:
                 now = os.fstat(fd)

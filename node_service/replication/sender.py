@@ -274,9 +274,15 @@ class Sender(SenderStream):
     def replicator(self, dir: str) -> DirReplicator:
         return DirReplicator(self, self.dirs.index(dir))
 
-    def submit(self, index: int, op: ops.Op, *, resync: bool = False) -> Ticket:
-        data = ops.encode(op)
-        size = len(data)
+    def submit(
+        self, index: int, op: ops.Op, *, resync: bool = False, payload: bytearray | None = None
+    ) -> Ticket:
+        # payload: op's frame payload built by the caller (resync_pieces: a
+        # resync piece read straight into it, no copy here)
+        if payload is None:
+            # the frame's payload in one join: a large write's data copied once
+            payload = ops.encode(op, frames.dir_prefix(index))  # type: ignore[assignment]
+        size = len(payload) - 2
         with self._cond:
             if self._link == Link.CONNECTED and self._lag_bytes + size > self.max_lag_bytes:
                 self._wait_for_room(size)
@@ -300,7 +306,7 @@ class Sender(SenderStream):
             self._seq += 1
             seq = self._seq
             self._inflight[seq] = (regions, size)
-            self._queue.append((FrameType.OP, seq, epoch, frames.op_payload(index, data)))
+            self._queue.append((FrameType.OP, seq, epoch, payload))  # type: ignore[arg-type]
             self._lag_bytes += size
             self._ops += 1
             if resync:

@@ -139,3 +139,30 @@ def test_arbitrary_bytes_yield_frames_or_a_protocol_error(data):
     consumed = b"".join(frames.encode(f) for f in got)
     assert data.startswith(consumed)
     assert len(data) - len(consumed) < HEADER_SIZE + MAX_PAYLOAD
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=40_000), min_size=1, max_size=60))
+def test_a_large_payload_is_filled_in_place_whatever_the_read_sizes(cuts):
+    big = Frame(FrameType.OP, 5, bytes(range(256)) * (frames.BIG_PAYLOAD // 256 + 300))
+    small = Frame(FrameType.ACK_WRITTEN, 6)
+    stream = frames.encode(big) + frames.encode(small) + frames.encode(big)
+    reader = FrameReader()
+    got: list[Frame] = []
+    pos = 0
+    for cut in cuts * (len(stream) // sum(cuts) + 1):  # TLS records of any size
+        got.extend(reader.feed(stream[pos : pos + cut]))
+        pos += cut
+        if pos >= len(stream):
+            break
+    assert got == [big, small, big]
+    assert reader.buffered == 0
+
+
+def test_a_large_payload_half_read_counts_as_buffered():
+    reader = FrameReader()
+    raw = frames.encode(Frame(FrameType.OP, 1, b"x" * frames.BIG_PAYLOAD))
+    assert list(reader.feed(raw[:1000])) == []
+    assert reader.buffered == 1000 - HEADER_SIZE
+    (frame,) = reader.feed(raw[1000:])
+    assert frame.payload == b"x" * frames.BIG_PAYLOAD and reader.buffered == 0

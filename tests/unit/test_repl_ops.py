@@ -241,3 +241,13 @@ def test_describe_never_prints_file_data():
     text = ops.describe(Write(1, 2, 3, b"secret"))
     assert "secret" not in text
     assert "<6 bytes>" in text
+
+
+def test_encode_with_the_frame_prefix_is_the_op_payload_in_one_piece():
+    from node_service.replication import frames
+
+    data = os.urandom(300_000)
+    for op in (Write(3, 4096, 77, data), Write(3, 0, 77, memoryview(data)[1:]), Fsync(3, True)):
+        whole = encode(op, frames.dir_prefix(9))
+        assert whole == frames.op_payload(9, encode(op))
+        assert decode(memoryview(whole)[2:]) == op

@@ -494,7 +494,7 @@ def test_a_file_sent_whole_while_the_application_writes_and_resizes_it(trees):
     forgotten(pair, set())
     pair.sender.mark_absent("peer lost")
     primary.do(open_op(1, "created-while-away"))
-    for i in range(48):  # 3 MiB: sent whole in three 1 MiB pieces, each under the lock
+    for i in range(48):  # 3 MiB: sent whole in two pieces (2 MiB, 1 MiB), each under the lock
         primary.do(write_op(1, i * REGION, block(i)))
     for i in range(40):  # a stream over an existing file: sent without comparing
         primary.do(write_op(2, i * REGION, block(i + 50)))

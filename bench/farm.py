@@ -397,9 +397,7 @@ def prepare_switch(lab: FarmLab, farm: Farm, keep: str) -> FilterSwitch:
     # The owner's gate at its interface, as its runner loads it once the map is
     # stable: no conntrack, and with every bucket owned nothing to hash.
     alone = nft.build(dataclasses.replace(whole, device=devices[keep], held=frozenset())).text
-    return FilterSwitch(
-        lab.table(farm), farm.vip, keep, tables, links, alone, ingress, drop_all
-    )
+    return FilterSwitch(lab.table(farm), farm.vip, keep, tables, links, alone, ingress, drop_all)
 
 
 def switch(lab: FarmLab, change: FilterSwitch, scripts: dict[str, tuple[str, str]],

@@ -475,10 +475,15 @@ def test_checker_failure_gives_up_buckets_and_recovery_takes_them_back(tmp_path)
             await runner.start()
             await until(lambda: runner.current_state == "UP")
             await until(lambda: fx.owned_in_last_ruleset() > 0)
+            # Its connections stay with it while it waits: read from its sockets.
+            fx.held_flows = frozenset({("198.51.100.50", 40000)})
             listener.close()
             await until(lambda: runner.current_state == "WAIT")
             await until(lambda: fx.owned_in_last_ruleset() == 0)
             assert hb.payload("web")["eligible"] is False
+            assert "elements = { 198.51.100.50 . 40000 }" in fx.last("netdev")
+            # ...and the peers see it holds one, so their guards stay on.
+            await until(lambda: hb.payload("web")["held"] == 1)
             wait = [m for m in messages(runner) if m.startswith("UP -> WAIT")]
             assert wait and "giving up its buckets" in wait[0]
             listener = socket.create_server(("127.0.0.1", port))

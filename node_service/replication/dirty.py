@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from node_service.errors import FatalError, RetryableError
 from node_service.replication import ops, readahead
@@ -85,9 +86,8 @@ class DirtyTimeout(RetryableError):
     """A region record did not become durable in time."""
 
 
-@dataclass(frozen=True, order=True)
-class DirtyRegion:
-    """An ``ops.Region`` of one replicated directory (dir = its configured path)."""
+class DirtyRegion(NamedTuple):
+    """An ``ops.Region`` of one replicated dir (its configured path); a tuple: hashed in C."""
 
     dir: str
     path: str

@@ -172,6 +172,22 @@ class ReplicatedOperations(NamespaceCalls, mfusepy.Operations):
         if self.fatal is not None:
             raise mfusepy.FuseOSError(errno.EIO)
 
+    def _push(self, ticket: object | None, op: Op) -> None:
+        """Start sending ``op`` from this thread (outside the locks), if the Replicator can.
+
+        Optional in the protocol: a Replicator without ``push`` sends when
+        waited for. Failures are the transport's, as in ``_wait``.
+        """
+        push = getattr(self.replicator, "push", None)
+        if ticket is None or push is None:
+            return
+        try:
+            push(ticket)
+        except FatalError as exc:
+            self._fatal(op, exc)
+        except Exception as exc:
+            self._failed(op, exc)
+
     def _wait_open(self, handle: int, ticket: object | None, op: Op) -> None:
         """``_wait`` for open/create: a failed open must not leave its descriptor behind."""
         try:
@@ -445,12 +461,13 @@ class ReplicatedOperations(NamespaceCalls, mfusepy.Operations):
         op = Fsync(fh.fh, bool(datasync))
         ticket = None
         if entry.replicated:
-            # Submitted first so the secondary's fsync runs while ours does. It
-            # still follows every write that returned before this call (those
-            # were submitted under the same stripe lock), which is all an
-            # fsync promises; the application hears back after both.
+            # Submitted and sent first so the secondary's fsync runs while ours
+            # does. It still follows every write that returned before this call
+            # (those were submitted under the same stripe lock), which is all
+            # an fsync promises; the application hears back after both.
             with self._stripe(entry.ino):
                 ticket = self._submit(op)
+            self._push(ticket, op)
         (os.fdatasync if datasync else os.fsync)(entry.fd)
         if entry.replicated:
             self._wait(ticket, op)

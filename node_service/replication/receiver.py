@@ -160,7 +160,15 @@ class Receiver:
         self._make_appliers = appliers
         self.timeout = timeout
         self._on_event = on_event or (lambda severity, message: None)
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        # Callers of wait_written/wait_stale sleep on _cond; the apply and ack
+        # threads each on a condition of their own (same lock), woken only
+        # when they have something to do (_wake): on two CPUs under the GIL
+        # every needless wake-up competes with the receiving thread, which
+        # applies and acknowledges a sync primary's operation itself.
+        self._cond = threading.Condition(lock)
+        self._apply_cv = threading.Condition(lock)
+        self._ack_cv = threading.Condition(lock)
         self._conn: _Conn | None = None
         self._threads: list[threading.Thread] = []
         self._accept_lock = threading.Lock()
@@ -248,7 +256,7 @@ class Receiver:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.done = True
-                self._cond.notify_all()
+                self._wake(conn)
         if conn is not None:
             conn.channel.close()
         threads, self._threads = self._threads, []
@@ -265,9 +273,17 @@ class Receiver:
             if conn.done:
                 return
             conn.done = True
-            self._cond.notify_all()
+            self._wake(conn)
         conn.channel.close()
         log.info("module %s: replication from %s ended: %s", self.module, self.peer, reason)
+
+    def _wake(self, conn: _Conn) -> None:
+        """After a change of ``conn``'s state (lock held): wake who can act on it now."""
+        self._cond.notify_all()  # wait_written, wait_stale
+        if conn.done or (conn.queue and not conn.applying):
+            self._apply_cv.notify_all()
+        if conn.done or (not conn.acking and self._ack_due(conn)):
+            self._ack_cv.notify_all()
 
     @staticmethod
     def _close_appliers(conn: _Conn) -> None:
@@ -313,6 +329,10 @@ class Receiver:
                     sum(len(frame.payload) for frame in got),
                 )
                 conn.applying = conn.applying or inline
+                # the ack token with the apply token, in the same hold: the ack
+                # thread is not woken for the "received" this read makes due
+                own_ack = inline and not conn.acking and not conn.done
+                conn.acking = conn.acking or own_ack
                 for frame, item in zip(got, items, strict=True):
                     if item is None:
                         conn.ping = conn.ping or frame.type == FrameType.PING
@@ -321,9 +341,9 @@ class Receiver:
                             conn.queue.append(item)
                         if frame.type == FrameType.OP:
                             conn.received = item[0]
-                self._cond.notify_all()
+                self._wake(conn)
             if inline:
-                self._apply_inline(conn, taken)
+                self._apply_inline(conn, taken, own_ack)
 
     def _take(self, conn: _Conn, frame: Frame) -> tuple | None:
         if frame.type == FrameType.PING:
@@ -342,34 +362,32 @@ class Receiver:
         ahead = opening_ahead(self.dirs[index], op)
         return frame.seq, index, op, regions, self.tracker.add(regions, ahead)
 
-    def _apply_inline(self, conn: _Conn, batch: list[tuple]) -> None:
+    def _apply_inline(self, conn: _Conn, batch: list[tuple], own: bool) -> None:
         """Apply and acknowledge in the receiving thread (apply token held).
 
-        The ack token is taken for the whole of it when free, so the ack
-        thread is not woken for what this thread sends itself.
+        ``own``: the ack token was free and taken with the apply token, for
+        the whole of it, so the ack thread is not woken for what this thread
+        sends itself.
         """
-        with self._cond:
-            own = not conn.acking and not conn.done
-            conn.acking = conn.acking or own
         try:
             self._apply_batch(conn, batch, notify=not own)
         except BaseException:
             with self._cond:
                 conn.applying = False
                 conn.acking = conn.acking and not own
-                self._cond.notify_all()
+                self._wake(conn)
             raise
         with self._cond:
             conn.applying = False
             if not own:
-                self._cond.notify_all()
+                self._wake(conn)
         if own:
             self._send_acks(conn)  # gives the ack token back
 
     def _apply_loop(self, conn: _Conn) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: not conn.applying and (conn.queue or conn.done))
+                self._apply_cv.wait_for(lambda: not conn.applying and (conn.queue or conn.done))
                 if conn.done:
                     self._abandon(conn)
                     return
@@ -381,7 +399,7 @@ class Receiver:
             finally:
                 with self._cond:
                     conn.applying = False
-                    self._cond.notify_all()
+                    self._wake(conn)
 
     def _apply_batch(self, conn: _Conn, batch: list[tuple], *, notify: bool = True) -> None:
         for seq, index, op, regions, epoch in batch:
@@ -401,7 +419,7 @@ class Receiver:
             with self._cond:
                 conn.applied.append((seq, regions, epoch))
                 if notify:
-                    self._cond.notify_all()
+                    self._wake(conn)
 
     def _abandon(self, conn: _Conn) -> None:
         # The connection is gone: whatever was received but not acknowledged
@@ -423,7 +441,7 @@ class Receiver:
         with self._cond:
             conn.reported = frozenset(regions)
             conn.outbox.extend([*chunks, Frame(FrameType.REPLY_END, rid)])
-            self._cond.notify_all()
+            self._wake(conn)
 
     def _control(self, conn: _Conn, frame: Frame) -> None:
         out: list[Frame] = []
@@ -446,7 +464,7 @@ class Receiver:
             out.append(Frame(FrameType.REPLY_END, frame.seq))
         with self._cond:
             conn.outbox.extend(out)
-            self._cond.notify_all()
+            self._wake(conn)
 
     @staticmethod
     def _set_replay(conn: _Conn, on: bool) -> None:
@@ -468,7 +486,7 @@ class Receiver:
         self.tracker.history_known = True
         with self._cond:
             self._stale = None
-            self._cond.notify_all()
+            self._wake(conn)
         self._on_event(
             "info",
             f"module {self.module}: resync from {self.peer} complete"
@@ -485,7 +503,7 @@ class Receiver:
         with self._cond:
             self._stale = reason
             conn.error = frames.error(seq, errno_, message)
-            self._cond.notify_all()
+            self._wake(conn)
         self._on_event(
             "error",
             f"module {self.module}: this node's replicated data is stale: {reason}; "
@@ -496,7 +514,9 @@ class Receiver:
     def _ack_loop(self, conn: _Conn) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: conn.done or (not conn.acking and self._ack_due(conn)))
+                self._ack_cv.wait_for(
+                    lambda: conn.done or (not conn.acking and self._ack_due(conn))
+                )
                 if conn.done:
                     return
                 conn.acking = True
@@ -510,7 +530,7 @@ class Receiver:
         finally:
             with self._cond:
                 conn.acking = False
-                self._cond.notify_all()
+                self._wake(conn)
 
     def _send_due(self, conn: _Conn) -> bool:
         with self._cond:
@@ -527,7 +547,8 @@ class Receiver:
                 self.tracker.wait_durable(max(a[2] for a in applied), 30.0)
                 written = applied[-1][0]
             out = []
-            if received > conn.sent_received:
+            # ACK_WRITTEN n also says "received n": no ACK_RECEIVED it covers
+            if received > conn.sent_received and received > written:
                 out.append(frames.encode(Frame(FrameType.ACK_RECEIVED, received)))
             if written > conn.sent_written or ping:
                 out.append(frames.encode(Frame(FrameType.ACK_WRITTEN, max(written, 0))))
@@ -549,7 +570,7 @@ class Receiver:
             conn.sent_received = max(conn.sent_received, received)
             conn.written = max(conn.written, written)
             conn.sent_written = max(conn.sent_written, written)
-            self._cond.notify_all()
+            self._wake(conn)
         if error is not None:
             self._end(conn, "stale: stopped applying")
             return False

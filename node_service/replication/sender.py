@@ -73,8 +73,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_LAG_BYTES = 64 * 1024 * 1024
-# Records the FUSE layer does not wait for right after submitting them
-UNWAITED = (ops.Release, ops.Fsync)
 
 EventSink = Callable[[str, str], None]  # (severity, message)
 
@@ -311,11 +309,24 @@ class Sender(SenderStream):
             self._ops += 1
             if resync:
                 self._resent += size
-            if self.mode == Mode.ASYNC or resync or isinstance(op, UNWAITED):
-                # nobody waits for it at once: the send thread sends it (an
-                # Fsync is submitted before the local fsync, to overlap both)
+            if self.mode == Mode.ASYNC or resync:
+                # nobody waits for it at once: the send thread sends it. In
+                # sync and semi mode no record wakes it: an Fsync is pushed by
+                # the FUSE thread before its local fsync (push) and waited for
+                # after it; a Release (nobody waits for a close) leaves with the
+                # next frame anyone sends, a small file's close with the next
+                # file's create, or at the send thread's next periodic wake.
                 self._tx.notify()
             return Ticket(seq, epoch)
+
+    def push(self, ticket: Ticket) -> None:
+        """Send ``ticket``'s frame now from this thread if nobody is sending; no waiting.
+
+        The FUSE layer pushes an Fsync before its local fsync, so both sides'
+        fsyncs overlap without a hand-off to the send thread.
+        """
+        if ticket.seq and self.mode != Mode.ASYNC:
+            self._send_own(ticket.seq)  # after the region records, as always (_send_batch)
 
     def wait(self, ticket: Ticket) -> None:
         # The application is never told "done" before the region record is durable.
@@ -381,6 +392,7 @@ class Sender(SenderStream):
             if self._lag_bytes == 0:
                 return
             self._wake_reader()
+            self._tx.notify()  # a queued Release waits for no one else (submit)
             if left <= 0:
                 self._go_locked(
                     Link.ABSENT,
@@ -484,3 +496,7 @@ class DirReplicator:
     def wait(self, ticket: object) -> None:
         assert isinstance(ticket, Ticket)
         self.sender.wait(ticket)
+
+    def push(self, ticket: object) -> None:
+        assert isinstance(ticket, Ticket)
+        self.sender.push(ticket)

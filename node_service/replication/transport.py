@@ -135,7 +135,13 @@ class Channel:
         while True:
             with self._tls_lock:
                 try:
-                    data = self._tls.read(RECV_BYTES)
+                    # Nothing buffered on either side of the TLS object: read
+                    # would only raise SSLWantReadError (twice per wait for an
+                    # acknowledgement: on entry and after the last record).
+                    if self._in.pending or self._tls.pending():
+                        data = self._tls.read(RECV_BYTES)
+                    else:
+                        data = None
                 except ssl.SSLWantReadError:
                     data = None
                 except ssl.SSLZeroReturnError:

@@ -528,3 +528,60 @@ def test_o_direct_opens_accept_unaligned_buffers(pair):
     pair.write(fi, b"unaligned", 3)
     pair.fs.release(None, fi)
     pair.check()
+
+
+class Pushing:
+    """A Replicator with ``push``: notes the order of submit, push and wait."""
+
+    def __init__(self, events: list[str], fail_push: bool = False):
+        self.events = events
+        self.fail_push = fail_push
+
+    def submit(self, op):
+        self.events.append(f"submit {type(op).__name__}")
+        return type(op).__name__
+
+    def push(self, ticket):
+        self.events.append(f"push {ticket}")
+        if self.fail_push:
+            raise ReplicationUnavailable("peer n2 is unreachable")
+
+    def wait(self, ticket):
+        self.events.append(f"wait {ticket}")
+
+
+@pytest.mark.parametrize("fail_push", [False, True])
+def test_the_fsync_record_is_pushed_before_the_local_fsync(tmp_path, monkeypatch, fail_push):
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    events: list[str] = []
+    fs = ReplicatedOperations(fd, Pushing(events, fail_push), caller=lambda: CALLER)
+    real_fsync = os.fsync
+    try:
+        fi = mfusepy.fuse_file_info()
+        fi.flags = os.O_WRONLY | os.O_CREAT
+        fs.create("/f", 0o600, fi)
+        fs.write(None, b"pushed", 0, fi)
+        local = fs._files[fi.fh].fd
+
+        def fsync(f: int) -> None:
+            if f == local:
+                events.append("local fsync")
+            real_fsync(f)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        del events[:]
+        assert fs.fsync(None, 0, fi) == 0
+        fs.release(None, fi)
+    finally:
+        fs.destroy("/")
+        os.close(fd)
+    # writes are not pushed (they are sent by the wait that follows at once)
+    assert events == [
+        "submit Fsync",
+        "push Fsync",
+        "local fsync",
+        "wait Fsync",
+        "submit Release",
+    ]
+    assert fs.replication_failures == (1 if fail_push else 0)
+    assert (tmp_path / "f").read_bytes() == b"pushed"

@@ -1,14 +1,16 @@
-"""Fixtures shared by the unit tests: running the `rampart` CLI in-process."""
+"""Fixtures shared by the unit tests: the CLI in-process, dirty logs, replication pairs."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from node_service.cli import main
 from node_service.replication.dirty import DirtyLog
+from tests.unit.repl_pair import Pair, make_site, pairs
 
 
 @dataclass(frozen=True)
@@ -46,3 +48,16 @@ def dirty_log(tmp_path) -> Iterator[DirtyLog]:
         yield log
     finally:
         log.close()
+
+
+@pytest.fixture(scope="module")
+def repl_site(tmp_path_factory) -> Path:
+    """One site's secrets (CA, nodes n1 and n2) for every replication pair of a test module."""
+    return make_site(tmp_path_factory.mktemp("site"))
+
+
+@pytest.fixture
+def pair_factory(repl_site, tmp_path) -> Iterator[Callable[..., Pair]]:
+    """Connected primary/secondary pairs (``repl_pair.pairs``), all closed after the test."""
+    with pairs(repl_site, tmp_path) as make:
+        yield make

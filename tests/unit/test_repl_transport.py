@@ -7,7 +7,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,25 +17,12 @@ from node_service.replication.transport import PeerGone
 from tests.unit.repl_pair import (
     DIR,
     GatedApplier,
-    make_site,
     open_op,
-    pairs,
     real_appliers,
     write_op,
 )
 
 KIB64 = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    return make_site(tmp_path_factory.mktemp("site"))
-
-
-@pytest.fixture
-def pair_factory(site, tmp_path) -> Iterator:
-    with pairs(site, tmp_path) as make:
-        yield make
 
 
 def in_thread(fn, *args) -> tuple[threading.Thread, threading.Event]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,21 +19,10 @@ from node_service.replication.link import Releases
 from node_service.replication.receiver import INLINE_APPLY_BYTES, inline_apply
 from node_service.replication.sender import Sender
 from node_service.replication.transport import JOIN_BYTES, _slices
-from tests.unit.repl_pair import GatedApplier, Pair, make_site, open_op, pairs, write_op
+from tests.unit.repl_pair import GatedApplier, Pair, open_op, write_op
 
 WRITERS = 6
 OPS_PER_WRITER = 60
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    return make_site(tmp_path_factory.mktemp("site"))
-
-
-@pytest.fixture
-def pair_factory(site, tmp_path) -> Iterator:
-    with pairs(site, tmp_path) as make:
-        yield make
 
 
 class ThreadNotingApplier(GatedApplier):

@@ -11,26 +11,12 @@ that an ACK_WRITTEN in the same breath covers. Real mutual TLS on loopback
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-
-import pytest
 
 from node_service.replication import ops
 from node_service.replication.sender import Sender
-from tests.unit.repl_pair import Pair, make_site, open_op, pairs, write_op
+from tests.unit.repl_pair import Pair, open_op, write_op
 
 WRITES = 50
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    return make_site(tmp_path_factory.mktemp("site"))
-
-
-@pytest.fixture
-def pair_factory(site, tmp_path) -> Iterator:
-    with pairs(site, tmp_path) as make:
-        yield make
 
 
 class CountingCondition(threading.Condition):

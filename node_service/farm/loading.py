@@ -33,6 +33,7 @@ class FilterLoading:
     node: Any
     heartbeats: Any
     rules: tuple[nft.FilterRule, ...]
+    _vips: tuple[str, ...]
     seed: int
     _udp: bool
     _tcp_ports: tuple[int, ...]
@@ -55,14 +56,17 @@ class FilterLoading:
             return held.starting(time.monotonic())
         return held.Hold(frozenset(), None, "no UDP rule: no bucket held by conntrack")
 
+    def _held_buckets(self) -> int:
+        """UDP buckets let through at ingress beyond the owned ones."""
+        return len(self._held_applied or ()) if self._device and self._udp else 0
+
     def _held_count(self) -> int:
-        udp = len(self._held_applied or ()) if self._device and self._udp else 0
-        return udp + len(self._flows_applied or ())
+        return self._held_buckets() + len(self._flows_applied or ())
 
     def _filter(self, owned: frozenset[int], hold: held.Hold, kept: flows.Flows,
                 guarded: guard.Guard) -> nft.FarmFilter:  # fmt: skip
         return nft.FarmFilter(
-            self.module.name, tuple(v.address for v in self.module.vips), self.rules,
+            self.module.name, self._vips, self.rules,
             self.seed, owned, self._device, hold.held, kept.held, guarded.guarded & owned,
         )  # fmt: skip
 
@@ -91,21 +95,15 @@ class FilterLoading:
         ):
             self._hold, self._flows, self._guard = hold, kept, guarded
             return True
-        farm = self._filter(owned, hold, kept, guarded)
-        try:
-            if (owned, kept.held, guarded.guarded) == (
-                before,
-                self._flows_applied,
-                self._guard_applied,
-            ):
-                # UDP held buckets alone changed: the ip table (and its counters) stays.
-                await self.effects.apply(nft.build(farm, ingress_only=True))
-            else:
-                await self.effects.apply(nft.build(farm))
-        except RampartError as exc:
-            # nft's transaction failed as a whole: the previous rules are in
-            # force; the next tick tries again.
-            self._say(f"packet filter not updated ({len(owned)} buckets wanted, {why}): {exc}")
+        # UDP held buckets alone changed: the ip table (and its counters) stays.
+        ingress_only = (owned, kept.held, guarded.guarded) == (
+            before, self._flows_applied, self._guard_applied
+        )  # fmt: skip
+        ruleset = nft.build(self._filter(owned, hold, kept, guarded), ingress_only=ingress_only)
+        # On failure nft's transaction failed as a whole: the previous rules are
+        # in force; the next tick tries again.
+        wanted = f"packet filter not updated ({len(owned)} buckets wanted, {why})"
+        if not await self._try_apply(ruleset, wanted):
             return False
         self._applied, self._hold, self._held_applied = owned, hold, hold.held
         self._flows, self._flows_applied = kept, kept.held
@@ -123,9 +121,8 @@ class FilterLoading:
         return True
 
     async def _read_flows(self) -> frozenset[flows.Flow]:
-        vips = tuple(v.address for v in self.module.vips)
         try:
-            return await self.effects.flows(vips, self._tcp_ports)
+            return await self.effects.flows(self._vips, self._tcp_ports)
         except RampartError as exc:
             # Nothing else knows these connections: they may be cut if their
             # bucket moved. Said once; the next reading may work again.
@@ -208,9 +205,8 @@ class FilterLoading:
             return  # nft is failing: the decision loop retries, with the held buckets
         if time.monotonic() < check_at:
             return
-        vips = tuple(v.address for v in self.module.vips)
         try:
-            found = await self.effects.held(vips, self.rules)
+            found = await self.effects.held(self._vips, self.rules)
         except RampartError as exc:  # costs CPU (more let through), never a flow
             self._say(f"held flows not read: {exc}")
             return

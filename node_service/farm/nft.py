@@ -277,14 +277,7 @@ def _gate_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
         f"{match} tcp flags & (fin | syn | rst | ack) != syn ip saddr . tcp sport @{HELD_SET}"
         f' counter accept comment "{ESTABLISHED} {label}"'
     ]
-    foreign = ALL_BUCKETS - farm.owned
-    if foreign == ALL_BUCKETS:
-        lines.append(f'{match} counter drop comment "{DROPPED} ingress {label}"')
-    elif foreign:
-        lines.append(
-            f"{match} {_hash_expr(rule, farm.seed)} {_elements(foreign)}"
-            f' counter drop comment "{DROPPED} ingress {label}"'
-        )
+    lines += _foreign_drop(farm, rule, ALL_BUCKETS - farm.owned)
     if farm.owned:
         lines.append(f'{match}{_syn(rule)} counter accept comment "{OWNED} {label}"')
     return lines
@@ -333,7 +326,11 @@ def _ingress_lines(farm: FarmFilter, rule: FilterRule) -> list[str]:
     drop too (no owned bucket, so no new flow; not a held bucket, so no
     conntrack entry of this node's).
     """
-    foreign = ALL_BUCKETS - farm.owned - farm.held
+    return _foreign_drop(farm, rule, ALL_BUCKETS - farm.owned - farm.held)
+
+
+def _foreign_drop(farm: FarmFilter, rule: FilterRule, foreign: frozenset[int]) -> list[str]:
+    """Drop the rule's packets of ``foreign`` buckets (no hash when that is every bucket)."""
     if not foreign:
         return []
     bucket = (

@@ -74,27 +74,15 @@ class FarmRunner(FilterLoading, ModuleRunner):
         self.rules = filter_rules(self.module.farm.rules if self.module.farm else ())
         self.weights = {n.name: n.weight for n in self.module.nodes}
         self.seed = buckets.module_seed(self.module.name)
-        self._owners: buckets.BucketMap | None = None
-        self._alive: frozenset[str] | None = None
-        self._applied: frozenset[int] | None = None  # the owned set loaded in nft
+        self._vips = tuple(v.address for v in self.module.vips)
         self._device: str | None = None  # the LAN interface: ingress drop and shared MAC
         self._udp = any(rule.protocol == "udp" for rule in self.rules)
         tcp = {port for rule in self.rules if rule.protocol == "tcp" for port in rule.ports}
         self._tcp_ports = tuple(sorted(tcp))
-        self._hold = self._hold_start()  # UDP buckets let through at ingress
-        self._held_applied: frozenset[int] | None = None
-        self._flows = flows.nothing()  # TCP flows let through outside the owned buckets
-        self._flows_applied: frozenset[flows.Flow] | None = None
-        self._guard = guard.unguarded()  # owned buckets guarded against peers' held flows
-        self._guard_applied: frozenset[int] | None = None
-        self._adopted: str | None = None  # the membership whose filter (and held flows) is loaded
-        self._problem: str | None = None
-        self._said: str | None = None  # last error journaled (said once, not every tick)
-        self._leaving = False
+        self._reset()
         self._shared: macvlan.SharedMac | None = None
         self._checkers: Any | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._wake = asyncio.Event()
         self._hb_module = False
         self.counters: dict[str, int] = dict.fromkeys(nft.KINDS, 0)
 
@@ -109,7 +97,7 @@ class FarmRunner(FilterLoading, ModuleRunner):
             )
         if me not in self.module.node_names:
             raise CommandRefused(f"module {name}: node {me} is not one of its nodes")
-        use = farm_use(name, [v.address for v in self.module.vips], self.rules)
+        use = farm_use(name, self._vips, self.rules)
         clash = port_clash(use, FarmRunner.active.values())
         if clash:
             self.journal.error(clash, name)
@@ -221,7 +209,7 @@ class FarmRunner(FilterLoading, ModuleRunner):
     def metrics(self) -> dict[str, Any]:
         return {
             "owned_buckets": len(self._applied or ()),
-            "held_buckets": len(self._held_applied or ()) if self._device and self._udp else 0,
+            "held_buckets": self._held_buckets(),
             "held_flows": len(self._flows_applied or ()),
             "guarded_buckets": len(self._guard_applied or ()),
             "alive_nodes": len(self._alive or ()),
@@ -328,11 +316,20 @@ class FarmRunner(FilterLoading, ModuleRunner):
         return self.module_state_dir / "conntrack_tcp_loose"
 
     def _reset(self) -> None:
-        self._owners, self._alive, self._applied = None, None, None
-        self._hold, self._held_applied = self._hold_start(), None
-        self._flows, self._flows_applied = flows.nothing(), None
-        self._guard, self._guard_applied, self._adopted = guard.unguarded(), None, None
-        self._problem, self._said, self._leaving = None, None, False
+        """The state of one run (set up again at every start)."""
+        self._owners: buckets.BucketMap | None = None
+        self._alive: frozenset[str] | None = None
+        self._applied: frozenset[int] | None = None  # the owned set loaded in nft
+        self._hold = self._hold_start()  # UDP buckets let through at ingress
+        self._held_applied: frozenset[int] | None = None
+        self._flows = flows.nothing()  # TCP flows let through outside the owned buckets
+        self._flows_applied: frozenset[flows.Flow] | None = None
+        self._guard = guard.unguarded()  # owned buckets guarded against peers' held flows
+        self._guard_applied: frozenset[int] | None = None
+        self._adopted: str | None = None  # the membership whose filter (and held flows) is loaded
+        self._problem: str | None = None
+        self._said: str | None = None  # last error journaled (said once, not every tick)
+        self._leaving = False
         self._wake = asyncio.Event()
 
     def _fail(self, problem: str) -> None:

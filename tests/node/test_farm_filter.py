@@ -254,6 +254,16 @@ def connect(site: Site, sources: list[tuple[str, int]], hold: bool = False):
     return proc, LineReader(proc, "rt-farm-client")
 
 
+def echo_held(proc: subprocess.Popen[str], lines: LineReader) -> list[list[str]]:
+    """Let a ``connect(hold=True)`` client send "ping" on every held connection; its answers."""
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    echoes = json.loads(lines.next())
+    proc.wait(timeout=STEP_TIMEOUT_S)
+    return echoes
+
+
 def answers(site: Site, sources: list[tuple[str, int]]) -> list[list[str]]:
     proc, lines = connect(site, sources)
     result = json.loads(lines.next())
@@ -324,11 +334,7 @@ def test_failed_node_share_moves_and_established_flows_stay_when_it_returns(site
         for node in ("n1", "n2")
     }
     load(site, full, "ip_port", kept=kept, guarded={"n3": owned_by(full, "n3")})
-    assert proc.stdin is not None
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    echoes = json.loads(lines.next())
-    proc.wait(timeout=STEP_TIMEOUT_S)
+    echoes = echo_held(proc, lines)
     # Every held flow still answers from the node where it started, and n3
     # neither took nor reset any of them.
     assert echoes == [[answer[0], "ping"] for answer in held]

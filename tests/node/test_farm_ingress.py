@@ -34,6 +34,7 @@ from tests.node.test_farm_filter import (
     answers,
     check_owners,
     connect,
+    echo_held,
     sh,
     site,  # noqa: F401  (the fixture)
 )
@@ -128,11 +129,7 @@ def test_foreign_buckets_are_dropped_at_ingress_and_held_flows_survive_a_move_ba
     assert not read_flows(site, "n3")
     load(site, full, held, {"n3": owned_by(full, "n3")})
 
-    assert proc.stdin is not None
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    echoes = json.loads(lines.next())
-    proc.wait(timeout=STEP_TIMEOUT_S)
+    echoes = echo_held(proc, lines)
     # Every held connection still answers from its node; n3 never reset one:
     # it dropped their packets silently in its guarded buckets.
     assert echoes == [[answer[0], "ping"] for answer in kept]

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from node_service.replication import verify
 from node_service.replication.fs import ReplicatedOperations
 from node_service.replication.mount import ReplicatedMount
 from node_service.replication.resync import Resync
 from node_service.replication.sender import Link
-from tests.unit.repl_pair import DIR, Pair, mirrored_over_fuse
+from tests.unit.repl_pair import Pair, identical, mirrored_over_fuse
 
 pytestmark = pytest.mark.node
 
@@ -59,14 +58,6 @@ class ApplicationFirst:
     def _run(self) -> None:
         self.application()
         self.ran.set()
-
-
-def identical(primary_fd: int, dst: Path) -> list[str]:
-    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return verify.report(verify.diff(verify.scan(primary_fd), verify.scan(fd)), DIR)
-    finally:
-        os.close(fd)
 
 
 def test_a_directory_renamed_between_the_phases_gets_its_files_data(mirrored):

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from node_service.replication import verify
 from node_service.replication.mount import ReplicatedMount
 from node_service.replication.resync import Resync
 from node_service.replication.sender import Link
-from tests.unit.repl_pair import DIR, Pair, mirrored_over_fuse
+from tests.unit.repl_pair import Pair, identical, mirrored_over_fuse
 
 pytestmark = pytest.mark.node
 
@@ -24,14 +23,6 @@ pytestmark = pytest.mark.node
 def mirrored(tmp_path) -> Iterator[tuple[Pair, Path, Path, ReplicatedMount]]:
     with mirrored_over_fuse(tmp_path, "rt-repl") as made:
         yield made
-
-
-def identical(primary_fd: int, dst: Path) -> list[str]:
-    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return verify.report(verify.diff(verify.scan(primary_fd), verify.scan(fd)), DIR)
-    finally:
-        os.close(fd)
 
 
 def test_application_writes_are_on_the_secondary_when_the_call_returns(mirrored):

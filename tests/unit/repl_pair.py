@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node_service.cluster import pki
-from node_service.replication import ops
+from node_service.replication import ops, verify
 from node_service.replication.applier import Applier
 from node_service.replication.dirty import DirtyLog, DirtyTracker
 from node_service.replication.receiver import Receiver
@@ -178,3 +178,12 @@ def mirrored_over_fuse(tmp_path: Path, name: str) -> Iterator[tuple[Pair, Path, 
                 yield pair, src, dst, mount
         finally:
             pair.close()
+
+
+def identical(primary_fd: int, dst: Path) -> list[str]:
+    """What differs between the primary's real tree (its descriptor) and ``dst`` ([] if nothing)."""
+    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return verify.report(verify.diff(verify.scan(primary_fd), verify.scan(fd)), verify.DIR)
+    finally:
+        os.close(fd)
